@@ -1,0 +1,463 @@
+#!/usr/bin/env python3
+"""Build Dativo's container images, idempotently, with content-addressed tags.
+
+    .venv/bin/python sandbox/build_images.py [--force] [--only base|python] [-v]
+
+Images, each tagged with a hash of its *inputs* (not of its bytes), and built
+only when no image has that tag yet:
+
+* ``dativo/base:<hash>``: a Debian root filesystem bootstrapped by
+  ``sandbox/base/build.sh`` (mmdebstrap) and ``docker import``-ed. The hash
+  covers the recipe (``sandbox/base/*``), the suite and ``BASE_RECIPE``. The
+  rootfs tarball is cached in ``${XDG_CACHE_HOME:-~/.cache}/dativo/`` so that a
+  wiped engine re-imports it instead of bootstrapping again.
+* ``dativo/plugin-python:<hash>``: ``plugin-images/python/Dockerfile`` on the
+  base, installing a wheelhouse (``build/wheelhouse/``: the project's wheel
+  and its pinned dependencies) offline. The hash covers the base image ID,
+  the Dockerfile, ``requirements.txt``, ``pyproject.toml`` and every file
+  under ``src/``; wheel bytes are not reproducible, so they are not hashed.
+  It is also tagged ``dativo/plugin-python:<project version>``, the tag the
+  supervisor looks for (unless ``DATIVO_PYTHON_IMAGE`` overrides it).
+
+``build/images.json`` records the tags and image IDs. Standard library only;
+talks to the engine through the ``docker`` CLI. Each step's output goes to
+``build/logs/<image>.log``, whose tail is printed when a step fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE_RECIPE_DIR = ROOT / "sandbox" / "base"
+PLUGIN_DIR = ROOT / "plugin-images" / "python"
+BUILD = ROOT / "build"
+WHEELHOUSE = BUILD / "wheelhouse"
+CONTEXT = BUILD / "context" / "plugin-python"
+PROJECT_COPY = BUILD / "context" / "dativo-src"
+LOGS = BUILD / "logs"
+IMAGES_JSON = BUILD / "images.json"
+
+# Bump these to force a rebuild when something outside the hashed files
+# changes the result (e.g. this script's way of building).
+BASE_RECIPE = "dativo-base/1"
+PLUGIN_RECIPE = "dativo-plugin-python/1"
+SUITE = "bookworm"
+HASH_LENGTH = 16
+
+BASE_REPO = "dativo/base"
+PLUGIN_REPO = "dativo/plugin-python"
+
+# The base image's interpreter: CPython 3.11 on x86_64 with glibc 2.36
+# (bookworm). Wheels of any older manylinux policy run there too.
+WHEEL_TARGET = [
+    "--implementation",
+    "cp",
+    "--python-version",
+    "3.11",
+    "--abi",
+    "cp311",
+    *(arg for minor in range(36, 16, -1) for arg in ("--platform", f"manylinux_2_{minor}_x86_64")),
+    *("--platform", "manylinux2014_x86_64"),
+    *("--platform", "manylinux2010_x86_64"),
+    *("--platform", "manylinux1_x86_64"),
+]
+
+# Generated files under src/ that must not change the hash.
+IGNORED_DIR_NAMES = {"__pycache__"}
+IGNORED_DIR_SUFFIXES = (".egg-info",)
+IGNORED_FILE_SUFFIXES = (".pyc", ".pyo")
+
+DOCKER_ENV = {
+    **os.environ,
+    # The classic builder: works with every client against the Debian 20.10
+    # engine, with or without the buildx plugin.
+    "DOCKER_BUILDKIT": "0",
+    "DOCKER_CLI_HINTS": "false",
+}
+
+
+class BuildError(Exception):
+    """A step failed; the message says what to do."""
+
+
+# -- helpers -----------------------------------------------------------------
+
+
+def short_hash(parts: Iterator[tuple[str, bytes]]) -> str:
+    """A hash of named byte strings, framed so that no two inputs collide."""
+    digest = hashlib.sha256()
+    for name, data in parts:
+        for chunk in (name.encode(), data):
+            digest.update(len(chunk).to_bytes(8, "big"))
+            digest.update(chunk)
+    return digest.hexdigest()[:HASH_LENGTH]
+
+
+def tree_files(top: Path) -> list[Path]:
+    """Every file under top, sorted, without generated files (caches, egg-info)."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if d not in IGNORED_DIR_NAMES and not d.endswith(IGNORED_DIR_SUFFIXES)
+        )
+        found.extend(Path(dirpath, f) for f in filenames if not f.endswith(IGNORED_FILE_SUFFIXES))
+    return sorted(found, key=lambda p: p.relative_to(top).as_posix())
+
+
+def project_version() -> str:
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        return str(tomllib.load(f)["project"]["version"])
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dativo"
+
+
+class Step:
+    """Runs the commands of one image, logging to build/logs/<name>.log."""
+
+    def __init__(self, name: str, verbose: bool) -> None:
+        LOGS.mkdir(parents=True, exist_ok=True)
+        self.log_path = LOGS / f"{name}.log"
+        self.verbose = verbose
+        self._log: IO[str] = self.log_path.open("w", encoding="utf-8")
+
+    def close(self) -> None:
+        self._log.close()
+
+    def run(self, cmd: Sequence[str], *, env: dict[str, str] | None = None) -> None:
+        self._log.write(f"$ {' '.join(cmd)}\n")
+        self._log.flush()
+        out = None if self.verbose else self._log
+        proc = subprocess.run(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        )
+        if proc.returncode != 0:
+            self._log.flush()
+            tail = self.log_path.read_text(encoding="utf-8", errors="replace")
+            tail = "\n".join(tail.splitlines()[-40:])
+            raise BuildError(
+                f"command failed with exit status {proc.returncode}: {' '.join(cmd)}\n"
+                f"--- last lines of {self.log_path} ---\n{tail}"
+            )
+
+
+def docker(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["docker", *args],
+        capture_output=True,
+        text=True,
+        env=DOCKER_ENV,
+        stdin=subprocess.DEVNULL,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def image_id(ref: str) -> str | None:
+    proc = docker("image", "inspect", "--format", "{{.Id}}", ref)
+    return proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else None
+
+
+def require_engine() -> None:
+    hint = "Start one with `make engine` (sandbox/engine.sh), then retry."
+    if shutil.which("docker") is None:
+        raise BuildError(f"the docker CLI is not installed. {hint}")
+    try:
+        proc = docker("info", "--format", "{{.ServerVersion}}", timeout=30)
+    except subprocess.TimeoutExpired:
+        raise BuildError(
+            f"`docker info` timed out: the Docker engine does not answer. {hint}"
+        ) from None
+    if proc.returncode != 0 or not proc.stdout.strip():
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        raise BuildError(
+            "the Docker engine does not answer"
+            + (f" ({detail[-1]})" if detail else "")
+            + f". {hint}"
+        )
+
+
+@contextlib.contextmanager
+def build_lock() -> Iterator[None]:
+    """One build at a time per checkout."""
+    BUILD.mkdir(parents=True, exist_ok=True)
+    with (BUILD / ".build_images.lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("waiting for another build_images.py in this checkout ...", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def reset_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+# -- base image --------------------------------------------------------------
+
+
+def base_hash() -> str:
+    def parts() -> Iterator[tuple[str, bytes]]:
+        yield "recipe", BASE_RECIPE.encode()
+        yield "suite", SUITE.encode()
+        for name in ("packages.txt", "customize.sh", "build.sh"):
+            yield name, (BASE_RECIPE_DIR / name).read_bytes()
+
+    return short_hash(parts())
+
+
+def ensure_base(*, force: bool, verbose: bool) -> tuple[str, str]:
+    digest = base_hash()
+    tag = f"{BASE_REPO}:{digest}"
+    existing = image_id(tag)
+    if existing and not force:
+        print(f"reused {tag}", flush=True)
+        return tag, existing
+
+    started = time.monotonic()
+    tarball = cache_dir() / f"base-{digest}.tar"
+    step = Step("base", verbose)
+    try:
+        bootstrapped = False
+        if force or not tarball.is_file():
+            tarball.parent.mkdir(parents=True, exist_ok=True)
+            partial = tarball.with_name(f"base-{digest}.partial.tar")
+            partial.unlink(missing_ok=True)
+            step.run(["bash", str(BASE_RECIPE_DIR / "build.sh"), SUITE, str(partial)])
+            partial.replace(tarball)
+            bootstrapped = True
+        changes = [
+            "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "ENV LANG=C.UTF-8",
+            'CMD ["python3"]',
+            "LABEL org.dativo.image=base",
+            f"LABEL org.dativo.recipe-hash={digest}",
+            f"LABEL org.dativo.suite={SUITE}",
+            "LABEL org.opencontainers.image.title=dativo-base",
+            "LABEL org.opencontainers.image.description="
+            '"Debian minbase with python3 and no setuid/setgid files"',
+        ]
+        cmd = ["docker", "import"]
+        for change in changes:
+            cmd += ["--change", change]
+        cmd += ["--message", f"dativo base {digest} ({SUITE})", str(tarball), tag]
+        step.run(cmd, env=DOCKER_ENV)
+    finally:
+        step.close()
+
+    new_id = image_id(tag)
+    if not new_id:
+        raise BuildError(f"{tag} is missing right after `docker import`")
+    elapsed = time.monotonic() - started
+    how = "built" if bootstrapped else f"imported (from {tarball})"
+    print(f"{how} {tag} in {elapsed:.1f} s", flush=True)
+    return tag, new_id
+
+
+# -- plugin image ------------------------------------------------------------
+
+
+def plugin_hash(base_id: str) -> str:
+    def parts() -> Iterator[tuple[str, bytes]]:
+        yield "recipe", PLUGIN_RECIPE.encode()
+        yield "wheel-target", " ".join(WHEEL_TARGET).encode()
+        yield "base-id", base_id.encode()
+        yield "Dockerfile", (PLUGIN_DIR / "Dockerfile").read_bytes()
+        yield "requirements.txt", (PLUGIN_DIR / "requirements.txt").read_bytes()
+        yield "pyproject.toml", (ROOT / "pyproject.toml").read_bytes()
+        for path in tree_files(ROOT / "src"):
+            yield path.relative_to(ROOT).as_posix(), path.read_bytes()
+
+    return short_hash(parts())
+
+
+def copy_project(dest: Path) -> None:
+    """The files a wheel is built from, without caches or stale egg-info."""
+    reset_dir(dest)
+    for name in ("pyproject.toml", "README.md", "LICENSE", "LICENSE.txt", "NOTICE"):
+        if (ROOT / name).is_file():
+            shutil.copy2(ROOT / name, dest / name)
+    for path in tree_files(ROOT / "src"):
+        target = dest / path.relative_to(ROOT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+
+
+def build_wheelhouse(step: Step) -> None:
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    reset_dir(WHEELHOUSE)
+    # The project itself: built from a clean copy so no build/ or egg-info
+    # lands in the checkout, and the wheel holds exactly the hashed files.
+    copy_project(PROJECT_COPY)
+    step.run([*pip, "wheel", "--no-deps", "--wheel-dir", str(WHEELHOUSE), str(PROJECT_COPY)])
+    # Its dependencies: binary wheels for the image's interpreter, whatever
+    # the interpreter running this script.
+    step.run(
+        [
+            *pip,
+            "download",
+            "--only-binary=:all:",
+            *WHEEL_TARGET,
+            "--dest",
+            str(WHEELHOUSE),
+            "-r",
+            str(PLUGIN_DIR / "requirements.txt"),
+        ]
+    )
+    wheels = sorted(p.name for p in WHEELHOUSE.glob("*.whl"))
+    step.run(["echo", "wheelhouse:", *wheels])
+    if not any(name.startswith("dativo-") for name in wheels):
+        raise BuildError(f"no dativo wheel in {WHEELHOUSE}; see {step.log_path}")
+
+
+def assemble_context() -> None:
+    reset_dir(CONTEXT)
+    shutil.copy2(PLUGIN_DIR / "Dockerfile", CONTEXT / "Dockerfile")
+    shutil.copy2(PLUGIN_DIR / "requirements.txt", CONTEXT / "requirements.txt")
+    (CONTEXT / "wheels").mkdir()
+    for wheel in WHEELHOUSE.glob("*.whl"):
+        link_or_copy(wheel, CONTEXT / "wheels" / wheel.name)
+
+
+def ensure_plugin(
+    base_tag: str, base_id: str, *, force: bool, verbose: bool
+) -> tuple[str, str, str]:
+    digest = plugin_hash(base_id)
+    version = project_version()
+    tag = f"{PLUGIN_REPO}:{digest}"
+    version_tag = f"{PLUGIN_REPO}:{version}"
+    existing = image_id(tag)
+    if existing and not force:
+        retag(tag, version_tag, existing)
+        print(f"reused {tag} (as {version_tag})", flush=True)
+        return tag, existing, version_tag
+
+    started = time.monotonic()
+    step = Step("plugin-python", verbose)
+    try:
+        build_wheelhouse(step)
+        assemble_context()
+        cmd = ["docker", "build", "--rm", "--force-rm"]
+        if force:
+            cmd.append("--no-cache")
+        cmd += [
+            "--build-arg",
+            f"BASE_IMAGE={base_tag}",
+            "--build-arg",
+            f"DATIVO_VERSION={version}",
+            "--label",
+            f"org.dativo.inputs-hash={digest}",
+            "--label",
+            f"org.dativo.base={base_tag}",
+            "--tag",
+            tag,
+            str(CONTEXT),
+        ]
+        step.run(cmd, env=DOCKER_ENV)
+    finally:
+        step.close()
+
+    new_id = image_id(tag)
+    if not new_id:
+        raise BuildError(f"{tag} is missing right after `docker build`")
+    retag(tag, version_tag, new_id)
+    elapsed = time.monotonic() - started
+    print(f"built {tag} in {elapsed:.1f} s (as {version_tag})", flush=True)
+    return tag, new_id, version_tag
+
+
+def retag(tag: str, alias: str, wanted_id: str) -> None:
+    if image_id(alias) == wanted_id:
+        return
+    proc = docker("tag", tag, alias)
+    if proc.returncode != 0:
+        raise BuildError(f"docker tag {tag} {alias} failed: {proc.stderr.strip()}")
+
+
+# -- main --------------------------------------------------------------------
+
+
+def write_images_json(entries: dict[str, dict[str, str]]) -> None:
+    current: dict[str, dict[str, str]] = {}
+    if IMAGES_JSON.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            current = json.loads(IMAGES_JSON.read_text(encoding="utf-8"))
+    updated = {**current, **entries}
+    text = json.dumps(updated, indent=2, sort_keys=True) + "\n"
+    if IMAGES_JSON.is_file() and IMAGES_JSON.read_text(encoding="utf-8") == text:
+        return
+    tmp = IMAGES_JSON.with_suffix(".json.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(IMAGES_JSON)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Build Dativo's images; reuse those whose inputs did not change."
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="rebuild the selected images from scratch (the base re-bootstraps)",
+    )
+    parser.add_argument(
+        "--only",
+        choices=["base", "python"],
+        help="handle this image only (python still reuses, or builds, the base it needs)",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show build output instead of logging it"
+    )
+    args = parser.parse_args(argv)
+
+    try:
+        require_engine()
+        with build_lock():
+            entries: dict[str, dict[str, str]] = {}
+            base_tag, base_id = ensure_base(
+                force=args.force and args.only != "python", verbose=args.verbose
+            )
+            entries["base"] = {"tag": base_tag, "id": base_id}
+            if args.only != "base":
+                tag, image, version_tag = ensure_plugin(
+                    base_tag, base_id, force=args.force, verbose=args.verbose
+                )
+                entries["plugin-python"] = {"tag": tag, "id": image, "version_tag": version_tag}
+            write_images_json(entries)
+    except BuildError as exc:
+        print(f"build_images: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""Allow `python -m dativo`."""
+
+import sys
+
+from dativo.cli import main
+
+sys.exit(main())

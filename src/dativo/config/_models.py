@@ -1,0 +1,654 @@
+"""The pydantic models of a job file (version 1) and the validators of their values."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    PrivateAttr,
+    field_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, core_schema
+
+from dativo.config._units import (
+    DURATION_PATTERN,
+    SIZE_PATTERN,
+    GiB,
+    MiB,
+    format_duration,
+    format_size,
+    parse_duration,
+    parse_size,
+)
+
+__all__ = [
+    "READER_BUILTINS",
+    "WRITER_BUILTINS",
+    "BuiltinPlugin",
+    "BuiltinReader",
+    "BuiltinWriter",
+    "ImagePlugin",
+    "Isolation",
+    "JobConfig",
+    "PluginSpec",
+    "Problem",
+    "PythonPlugin",
+    "ReaderSpec",
+    "Resources",
+    "RunSpec",
+    "SourceSpec",
+    "StateSpec",
+    "TargetSpec",
+    "WriterSpec",
+]
+
+#: Names of the built-in plugins, per role, in the order they are documented.
+READER_BUILTINS: tuple[str, ...] = ("files", "generate")
+WRITER_BUILTINS: tuple[str, ...] = ("parquet", "null")
+
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_IMPLEMENTATION_PATTERN = rf"^{_IDENT}(?:\.{_IDENT})*:{_IDENT}$"
+_IMPLEMENTATION_RE = re.compile(_IMPLEMENTATION_PATTERN)
+_USER_RE = re.compile(r"(\d+):(\d+)")
+_MAX_ID = 2**32 - 2  # 2**32 - 1 is (uid_t)-1, "no id"
+
+# Docker image references (distribution/reference grammar, restricted to sha256 digests).
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?"
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_REPOSITORY_RE = re.compile(rf"(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*")
+_TAG_RE = re.compile(r"[\w][\w.-]{0,127}")
+_IMAGE_EXAMPLES = (
+    "`myorg/reader:1.2`, `myorg/reader@sha256:<64 hex digits>` or `sha256:<64 hex digits>`"
+)
+
+
+class Problem(ValueError):
+    """A validator's complaint, phrased as what is expected ("expected a size such as ...").
+
+    The loader prefixes it with the field path and, unless `show_input` is False, with the value
+    found (masked when the key looks secret).
+    """
+
+    def __init__(self, message: str, *, show_input: bool = True) -> None:
+        super().__init__(message)
+        self.show_input = show_input
+
+
+# --------------------------------------------------------------------------------------------
+# Bounded numbers, sizes and durations
+
+
+@dataclass(frozen=True)
+class _Bounded:
+    """`Annotated` marker: parse a number, size or duration and check it lies in [lo, hi]."""
+
+    kind: Literal["int", "float", "size", "duration"]
+    lo: float
+    hi: float
+    unit: str = ""
+
+    def _range(self) -> str:
+        if self.kind == "size":
+            return f"from `{format_size(int(self.lo))}` to `{format_size(int(self.hi))}`"
+        if self.kind == "duration":
+            return f"from `{format_duration(self.lo)}` to `{format_duration(self.hi)}`"
+        unit = f" {self.unit}" if self.unit else ""
+        return f"from {_number(self.lo)} to {_number(self.hi)}{unit}"
+
+    def _what(self) -> str:
+        return {
+            "int": "a whole number",
+            "float": "a number",
+            "size": "a size",
+            "duration": "a duration",
+        }[self.kind]
+
+    def validate(self, value: object) -> int | float:
+        number: int | float
+        if self.kind == "size":
+            try:
+                number = parse_size(value)
+            except ValueError as exc:
+                raise Problem(f"{exc}, {self._range()}") from None
+        elif self.kind == "duration":
+            try:
+                number = parse_duration(value)
+            except ValueError as exc:
+                raise Problem(f"{exc}, {self._range()}") from None
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            quoted = " (without quotes)" if isinstance(value, str) else ""
+            raise Problem(f"expected {self._what()}{quoted} {self._range()}")
+        elif self.kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise Problem(f"expected a whole number {self._range()}")
+            number = int(value)
+        else:
+            if not math.isfinite(value):
+                raise Problem(f"expected a number {self._range()}")
+            number = float(value)
+        if not self.lo <= number <= self.hi:
+            raise Problem(f"expected {self._what()} {self._range()}")
+        return number
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> CoreSchema:
+        return core_schema.no_info_plain_validator_function(self.validate)
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        if self.kind == "int":
+            return {"type": "integer", "minimum": int(self.lo), "maximum": int(self.hi)}
+        if self.kind == "float":
+            return {"type": "number", "minimum": self.lo, "maximum": self.hi}
+        if self.kind == "size":
+            return {
+                "anyOf": [
+                    {"type": "integer", "minimum": int(self.lo), "maximum": int(self.hi)},
+                    {"type": "string", "pattern": SIZE_PATTERN},
+                ],
+            }
+        return {
+            "anyOf": [
+                {"type": "number", "minimum": self.lo, "maximum": self.hi},
+                {"type": "string", "pattern": DURATION_PATTERN},
+            ],
+        }
+
+
+def _number(value: float) -> str:
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:g}"
+
+
+def _check_path(value: object) -> object:
+    if isinstance(value, Path):
+        return value
+    if not isinstance(value, str):
+        raise Problem("expected a path such as `./data`")
+    if not value.strip():
+        raise Problem("expected a path such as `./data`; an empty string is not a path")
+    if "\x00" in value:
+        raise Problem("a path cannot contain a NUL character")
+    return value
+
+
+_HostPath = Annotated[Path, BeforeValidator(_check_path)]
+
+
+def _check_implementation(value: object) -> object:
+    if isinstance(value, str) and not _IMPLEMENTATION_RE.fullmatch(value):
+        hint = " (the `:ClassName` part is missing)" if ":" not in value else ""
+        raise Problem(
+            f"expected `module.path:ClassName`, such as `my_plugins.orders:OrdersReader`{hint}"
+        )
+    return value
+
+
+def _short_image(image: str) -> str:
+    if image.startswith("sha256:"):
+        return image[: len("sha256:") + 12] + "\u2026"
+    if "@" in image:
+        name, digest = image.split("@", 1)
+        return f"{name}@{digest[: len('sha256:') + 12]}\u2026"
+    return image
+
+
+def _check_image(value: object) -> object:
+    if not isinstance(value, str):
+        return value  # pydantic reports the type
+    if not value:
+        raise Problem(f"expected a Docker image reference such as {_IMAGE_EXAMPLES}")
+    if value != value.strip():
+        raise Problem("an image reference cannot start or end with spaces")
+    if value.startswith("sha256:"):
+        if not _DIGEST_RE.fullmatch(value):
+            raise Problem("an image ID is `sha256:` followed by exactly 64 lowercase hex digits")
+        return value
+    name, at, digest = value.partition("@")
+    if at and not _DIGEST_RE.fullmatch(digest):
+        raise Problem(
+            "the digest after `@` must be `sha256:` followed by exactly 64 lowercase hex digits "
+            "(copy it from `docker buildx imagetools inspect` or `docker images --digests`)"
+        )
+    repository, tag = name, ""
+    last_slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > last_slash:
+        repository, tag = name[:colon], name[colon + 1 :]
+        if not _TAG_RE.fullmatch(tag):
+            raise Problem(
+                "a tag (after the last `:`) is 1 to 128 letters, digits, `_`, `.` or `-`, "
+                f"not starting with `.` or `-`; expected {_IMAGE_EXAMPLES}"
+            )
+    if len(repository) > 255 or not _REPOSITORY_RE.fullmatch(repository):
+        lower = " (repository names are lowercase)" if repository != repository.lower() else ""
+        raise Problem(f"not a valid Docker image reference{lower}; expected {_IMAGE_EXAMPLES}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+
+
+class _Model(BaseModel):
+    """Base of every job-file model: immutable, and unknown keys are errors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Resources(_Model):
+    """Limits the sandbox enforces on one plugin container."""
+
+    cpus: Annotated[float, _Bounded("float", 0.05, 64, "CPUs")] = Field(
+        default=1.0,
+        description="CPU quota of the plugin, in CPUs (fractions allowed), 0.05 to 64.",
+        examples=[0.5, 2],
+    )
+    memory: Annotated[int, _Bounded("size", 16 * MiB, 64 * GiB)] = Field(
+        default=GiB,
+        json_schema_extra={"default": "1GiB"},
+        description=(
+            "Memory limit of the plugin (no swap beyond it), 16MiB to 64GiB. A size: bytes as "
+            "an integer, or a string such as `512MiB`, `2GiB`, `100MB` (decimal) or `512m` "
+            "(Docker style, binary). Stored as bytes."
+        ),
+        examples=["512MiB", "2GiB"],
+    )
+    pids: Annotated[int, _Bounded("int", 8, 4096, "processes")] = Field(
+        default=128,
+        description="Most processes and threads the plugin may run at once, 8 to 4096.",
+    )
+    timeout: Annotated[float, _Bounded("duration", 1, 7 * 86400)] = Field(
+        default=3600.0,
+        json_schema_extra={"default": "1h"},
+        description=(
+            "Wall-clock limit of the plugin, 1s to 7d; it is stopped when exceeded. A duration: "
+            "seconds as a number, or a string such as `30s`, `5m`, `1h30m`, `2d`, `500ms`."
+        ),
+        examples=["30m", "2h"],
+    )
+    tmpfs: Annotated[int, _Bounded("size", 1 * MiB, 16 * GiB)] = Field(
+        default=64 * MiB,
+        json_schema_extra={"default": "64MiB"},
+        description=(
+            "Size of the writable in-memory `/tmp` of the plugin, 1MiB to 16GiB; it counts "
+            "against `memory`. The rest of the container file system is read-only."
+        ),
+        examples=["256MiB"],
+    )
+
+
+class Isolation(_Model):
+    """How the plugin container is isolated from the host."""
+
+    runtime: Literal["runc", "runsc"] = Field(
+        default="runc",
+        description=(
+            "OCI runtime of the container: `runc` (the default) or `runsc` (gVisor, a user-space "
+            "kernel; stronger isolation, must be installed on the host)."
+        ),
+    )
+    user: str = Field(
+        default="65534:65534",
+        description=(
+            "Numeric `UID:GID` the plugin runs as; quote it in YAML. Uid 0 and gid 0 are "
+            "refused: plugins never run as root."
+        ),
+        examples=["65534:65534", "1000:1000"],
+        json_schema_extra={"pattern": r"^[0-9]+:[0-9]+$"},
+    )
+
+    @field_validator("user", mode="before")
+    @classmethod
+    def _check_user(cls, value: object) -> object:
+        if isinstance(value, int) and not isinstance(value, bool):
+            raise Problem(
+                'expected a quoted `UID:GID` string such as `"65534:65534"`; YAML reads some '
+                "unquoted `a:b` values as base-60 numbers"
+            )
+        if not isinstance(value, str):
+            raise Problem("expected a `UID:GID` string such as `65534:65534`")
+        match = _USER_RE.fullmatch(value.strip())
+        if match is None:
+            raise Problem(
+                "expected numeric `UID:GID` such as `65534:65534` (user and group names are "
+                "not resolved)"
+            )
+        uid, gid = int(match[1]), int(match[2])
+        if uid == 0 or gid == 0:
+            raise Problem(
+                "plugins never run as root: uid 0 and gid 0 are refused, because root in the "
+                "container is one step from root on the host; use an unprivileged id such as "
+                "`65534:65534` (nobody)"
+            )
+        if uid > _MAX_ID or gid > _MAX_ID:
+            raise Problem(f"uid and gid must be from 1 to {_MAX_ID}")
+        return f"{uid}:{gid}"
+
+    @property
+    def uid(self) -> int:
+        """The numeric user id."""
+        return int(self.user.split(":", 1)[0])
+
+    @property
+    def gid(self) -> int:
+        """The numeric group id."""
+        return int(self.user.split(":", 1)[1])
+
+
+class _PluginBase(_Model):
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "Settings of the plugin, passed to its `initialize(config, context)` as given. "
+            "Which keys it takes is up to the plugin."
+        ),
+    )
+    resources: Resources = Field(
+        default_factory=Resources, description="Resource limits of the plugin container."
+    )
+    isolation: Isolation = Field(
+        default_factory=Isolation, description="Isolation settings of the plugin container."
+    )
+
+    @property
+    def display_name(self) -> str:
+        """A short name for messages: `builtin:files`, `image:myorg/pg@sha256:abcd…`."""
+        raise NotImplementedError
+
+
+class BuiltinPlugin(_PluginBase):
+    """A plugin shipped with Dativo, run from Dativo's own plugin image."""
+
+    type: Literal["builtin"] = Field(description="`builtin`: a plugin shipped with Dativo.")
+    name: str = Field(description="Name of the built-in plugin.")
+
+    #: The role whose built-ins `name` must name; None accepts any built-in.
+    role: ClassVar[Literal["reader", "writer"] | None] = None
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _check_name(cls, value: object) -> object:
+        readers = ", ".join(f"`{n}`" for n in READER_BUILTINS)
+        writers = ", ".join(f"`{n}`" for n in WRITER_BUILTINS)
+        valid = {"reader": READER_BUILTINS, "writer": WRITER_BUILTINS}
+        if cls.role is None:
+            allowed, listing = (
+                READER_BUILTINS + WRITER_BUILTINS,
+                (f"built-in readers: {readers}; built-in writers: {writers}"),
+            )
+        else:
+            allowed = valid[cls.role]
+            listing = f"built-in {cls.role}s: {readers if cls.role == 'reader' else writers}"
+        if value in allowed:
+            return value
+        if value is None and "null" in allowed:
+            raise Problem(
+                'YAML reads an unquoted `null` as an empty value; write `name: "null"`; ' + listing,
+                show_input=False,
+            )
+        if cls.role is not None and isinstance(value, str):
+            other: Literal["reader", "writer"] = "writer" if cls.role == "reader" else "reader"
+            if value in valid[other]:
+                raise Problem(
+                    f"`{value}` is a built-in {other}, not a {cls.role}; {listing}",
+                    show_input=False,
+                )
+        own = "; for your own plugin use `type: image` or `type: python`"
+        if not isinstance(value, str):
+            raise Problem(f"expected the name of a built-in plugin; {listing}{own}")
+        raise Problem(f"not a built-in plugin; {listing}{own}")
+
+    @property
+    def display_name(self) -> str:
+        return f"builtin:{self.name}"
+
+
+class BuiltinReader(BuiltinPlugin):
+    """A reader shipped with Dativo."""
+
+    name: Literal["files", "generate"] = Field(
+        description=(
+            "`files` reads the input files mounted from `source.files`; `generate` produces "
+            "rows without any input."
+        )
+    )
+    role: ClassVar[Literal["reader", "writer"] | None] = "reader"
+
+
+class BuiltinWriter(BuiltinPlugin):
+    """A writer shipped with Dativo."""
+
+    name: Literal["parquet", "null"] = Field(
+        description=(
+            "`parquet` writes Parquet files for the supervisor to publish into `target.path`; "
+            '`null` discards every row (quote it in YAML: `name: "null"`).'
+        )
+    )
+    role: ClassVar[Literal["reader", "writer"] | None] = "writer"
+
+
+class ImagePlugin(_PluginBase):
+    """A plugin packaged as a Docker image that runs the Dativo plugin host."""
+
+    type: Literal["image"] = Field(description="`image`: a plugin packaged as a Docker image.")
+    image: Annotated[str, BeforeValidator(_check_image)] = Field(
+        description=(
+            "Docker image reference: `name[:tag]`, `name@sha256:<64 hex digits>` (pinned, "
+            "recommended) or an image ID `sha256:<64 hex digits>`."
+        ),
+        examples=["ghcr.io/myorg/pg-reader@sha256:" + "0" * 64, "myorg/pg-reader:1.4"],
+    )
+    implementation: Annotated[str, BeforeValidator(_check_implementation)] | None = Field(
+        default=None,
+        description=(
+            "`module.path:ClassName` of the plugin class inside the image, when the image does "
+            "not declare it itself."
+        ),
+        examples=["pg_reader.plugin:PostgresReader"],
+        json_schema_extra={"pattern": _IMPLEMENTATION_PATTERN},
+    )
+
+    @property
+    def display_name(self) -> str:
+        return f"image:{_short_image(self.image)}"
+
+
+class PythonPlugin(_PluginBase):
+    """A plugin given as Python code, run in Dativo's plugin image."""
+
+    type: Literal["python"] = Field(description="`python`: a plugin class written in Python.")
+    implementation: Annotated[str, BeforeValidator(_check_implementation)] = Field(
+        description="`module.path:ClassName` of the plugin class.",
+        examples=["my_plugins.orders:OrdersReader"],
+        json_schema_extra={"pattern": _IMPLEMENTATION_PATTERN},
+    )
+    path: _HostPath | None = Field(
+        default=None,
+        description=(
+            "Host directory holding the plugin's Python code, mounted read-only and put on "
+            "`sys.path`. Relative to the job file's directory. Omit it when the module is "
+            "already importable in the plugin image."
+        ),
+        examples=["./plugins"],
+    )
+
+    @property
+    def display_name(self) -> str:
+        return f"python:{self.implementation}"
+
+
+_PLUGIN_DESCRIPTION = (
+    "Which plugin to run and how: `type` is `builtin`, `image` or `python`; every type also "
+    "takes `config`, `resources` and `isolation`."
+)
+
+#: Any plugin spec, whatever its role.
+PluginSpec = Annotated[BuiltinPlugin | ImagePlugin | PythonPlugin, Field(discriminator="type")]
+#: A plugin spec in the reader role (built-in names limited to readers).
+ReaderSpec = Annotated[BuiltinReader | ImagePlugin | PythonPlugin, Field(discriminator="type")]
+#: A plugin spec in the writer role (built-in names limited to writers).
+WriterSpec = Annotated[BuiltinWriter | ImagePlugin | PythonPlugin, Field(discriminator="type")]
+
+
+class SourceSpec(_Model):
+    """Where data comes from."""
+
+    files: _HostPath | None = Field(
+        default=None,
+        description=(
+            "Host directory of input files, mounted read-only at `/data/in` for the reader. "
+            "Relative to the job file's directory."
+        ),
+        examples=["./data"],
+    )
+    reader: ReaderSpec = Field(description=f"The reader plugin. {_PLUGIN_DESCRIPTION}")
+
+
+class TargetSpec(_Model):
+    """Where data goes."""
+
+    path: _HostPath | None = Field(
+        default=None,
+        description=(
+            "Local directory where the supervisor publishes the files the writer staged, once "
+            "the run succeeds. Relative to the job file's directory."
+        ),
+        examples=["./warehouse/orders"],
+    )
+    writer: WriterSpec = Field(description=f"The writer plugin. {_PLUGIN_DESCRIPTION}")
+
+
+class StateSpec(_Model):
+    """Where the incremental state of the job is kept."""
+
+    path: _HostPath = Field(
+        default=Path(".dativo/state.db"),
+        description="File of the state store. Relative to the job file's directory.",
+    )
+
+
+class RunSpec(_Model):
+    """How the supervisor drives a run."""
+
+    batch_size: Annotated[int, _Bounded("int", 1, 10_000_000, "rows")] = Field(
+        default=65536, description="Rows per batch the reader is asked for, 1 to 10,000,000."
+    )
+    max_frame_bytes: Annotated[int, _Bounded("size", 1 * MiB, 2 * GiB)] = Field(
+        default=128 * MiB,
+        json_schema_extra={"default": "128MiB"},
+        description=(
+            "Largest protocol frame accepted from a plugin, 1MiB to 2GiB; a bigger frame fails "
+            "the run. A size such as `128MiB`."
+        ),
+    )
+    handshake_timeout: Annotated[float, _Bounded("duration", 1, 600)] = Field(
+        default=30.0,
+        json_schema_extra={"default": "30s"},
+        description=(
+            "How long a plugin may take to connect and say hello, 1s to 10m. A duration such "
+            "as `30s`."
+        ),
+    )
+
+
+class JobConfig(_Model):
+    """A Dativo job file: read with one plugin, write with another, in sandboxes."""
+
+    model_config = ConfigDict(title="Dativo job file")
+
+    version: Literal[1] = Field(description="Version of the job file format; must be `1`.")
+    name: str = Field(
+        description=(
+            "Name of the job: 1 to 63 lowercase letters, digits, `_` or `-`, starting with a "
+            "letter or digit."
+        ),
+        examples=["orders-daily"],
+        json_schema_extra={"pattern": r"^[a-z0-9][a-z0-9_-]{0,62}$"},
+    )
+    source: SourceSpec = Field(description="Where data comes from, and the reader plugin.")
+    target: TargetSpec = Field(description="Where data goes, and the writer plugin.")
+    state: StateSpec = Field(
+        default_factory=StateSpec, description="Where incremental state is kept."
+    )
+    run: RunSpec = Field(default_factory=RunSpec, description="Settings of the run itself.")
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _job_path: Path | None = PrivateAttr(default=None)
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _check_version(cls, value: object) -> object:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value == 1:
+                return value
+            raise Problem(
+                "unsupported job file version; this Dativo reads version `1` only "
+                "(write `version: 1`)"
+            )
+        raise Problem(
+            "expected the number `1` (write `version: 1`), the only job file version this "
+            "Dativo reads"
+        )
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _check_name(cls, value: object) -> object:
+        if isinstance(value, str) and _NAME_RE.fullmatch(value):
+            return value
+        lower = (
+            " (names are lowercase)" if isinstance(value, str) and value != value.lower() else ""
+        )
+        raise Problem(
+            "expected 1 to 63 lowercase letters, digits, `_` or `-`, starting with a letter or "
+            f"digit, such as `orders-daily`{lower}"
+        )
+
+    @property
+    def job_path(self) -> Path | None:
+        """Absolute path of the job file, or None when the job was built from a mapping."""
+        return self._job_path
+
+    @property
+    def base_dir(self) -> Path:
+        """Directory relative paths are resolved against: the job file's, else the cwd."""
+        return self._base_dir
+
+    def _resolve(self, path: Path) -> Path:
+        return (self._base_dir / path.expanduser()).resolve()
+
+    @property
+    def source_files_dir(self) -> Path | None:
+        """Absolute host directory mounted for the reader, if the job grants one."""
+        return None if self.source.files is None else self._resolve(self.source.files)
+
+    @property
+    def target_dir(self) -> Path | None:
+        """Absolute host directory the writer's files are published into, if any."""
+        return None if self.target.path is None else self._resolve(self.target.path)
+
+    @property
+    def state_path(self) -> Path:
+        """Absolute path of the state store file."""
+        return self._resolve(self.state.path)
+
+    def python_plugin_dir(self, spec: PluginSpec) -> Path | None:
+        """Absolute host directory of a `python` plugin's code, or None if it names none."""
+        if isinstance(spec, PythonPlugin) and spec.path is not None:
+            return self._resolve(spec.path)
+        return None

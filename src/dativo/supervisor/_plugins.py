@@ -1,0 +1,276 @@
+"""Launching one plugin: in a hardened container, or (trusted mode) in a supervisor thread."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from dativo import __version__
+from dativo.config import BuiltinPlugin, ImagePlugin, JobConfig, PluginSpec, PythonPlugin
+from dativo.connectors import builtin_implementation
+from dativo.errors import ConfigError
+from dativo.sandbox import (
+    LABEL_ROLE,
+    LABEL_RUN_DIR,
+    LABEL_RUN_ID,
+    SOCKET_NAME,
+    Container,
+    ContainerSpec,
+    Engine,
+    ExitInfo,
+    Mount,
+)
+
+log = logging.getLogger(__name__)
+
+IMAGE_ENV = "DATIVO_PYTHON_IMAGE"
+INPUT_MOUNT = "/data/in"
+OUTPUT_MOUNT = "/data/out"
+PLUGIN_MOUNT = "/plugin"
+SOCKET_MOUNT = "/run/dativo"
+
+
+def builtin_image() -> str:
+    """The image that runs the built-in and `type: python` plugins."""
+    return os.environ.get(IMAGE_ENV) or f"dativo/plugin-python:{__version__}"
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How to run one plugin, resolved from its spec."""
+
+    role: str
+    spec: PluginSpec
+    field_path: str  # `source.reader` or `target.writer`, for messages
+    image: str | None
+    implementation: str | None
+    python_path: Path | None
+    input_dir: Path | None = None
+    output_dir: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.display_name
+
+
+def resolve(job: JobConfig, role: str, staging: Path | None) -> Launch:
+    """Turn a plugin spec into what to launch."""
+    if role == "reader":
+        spec: PluginSpec = job.source.reader
+        field_path = "source.reader"
+        input_dir, output_dir = job.source_files_dir, None
+    else:
+        spec = job.target.writer
+        field_path = "target.writer"
+        input_dir, output_dir = None, staging
+    if input_dir is not None and not input_dir.is_dir():
+        raise ConfigError(
+            f"`source.files`: directory `{input_dir}` does not exist", field="source.files"
+        )
+    if isinstance(spec, BuiltinPlugin):
+        image, impl, path = builtin_image(), builtin_implementation(spec.name), None
+    elif isinstance(spec, PythonPlugin):
+        image, impl, path = builtin_image(), spec.implementation, job.python_plugin_dir(spec)
+        if path is not None and not path.is_dir():
+            raise ConfigError(
+                f"`{field_path}.path`: directory `{path}` does not exist", field=field_path
+            )
+    elif isinstance(spec, ImagePlugin):
+        image, impl, path = spec.image, spec.implementation, None
+    else:  # pragma: no cover - the config union is closed
+        raise ConfigError(f"unknown plugin type for `{field_path}`")
+    return Launch(
+        role=role,
+        spec=spec,
+        field_path=field_path,
+        image=image,
+        implementation=impl,
+        python_path=path,
+        input_dir=input_dir,
+        output_dir=output_dir,
+    )
+
+
+class PluginProcess(Protocol):
+    """A running plugin, whatever runs it."""
+
+    launch: Launch
+
+    def exit_info(self) -> ExitInfo | None: ...
+
+    def wait(self, timeout: float) -> ExitInfo | None: ...
+
+    def logs(self) -> str: ...
+
+    def stop(self) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class ContainerPlugin:
+    """A plugin in its own hardened container."""
+
+    launch: Launch
+    container: Container
+    image_id: str
+    final: ExitInfo | None = None
+    killed: bool = False
+
+    def exit_info(self) -> ExitInfo | None:
+        if self.final is not None:
+            return self.final
+        return self.container.exit_info()
+
+    def wait(self, timeout: float) -> ExitInfo | None:
+        return self.container.wait(timeout)
+
+    def logs(self) -> str:
+        return self.container.logs()
+
+    def stop(self) -> None:
+        """Kill (if still running) and remove the container, keeping how it ended."""
+        if self.final is not None:
+            return
+        info = self.container.exit_info()
+        if info is None:
+            self.killed = True
+            self.container.kill()
+            info = self.container.wait(5.0)
+        self.final = info or ExitInfo(status=-1, oom_killed=False, error="not stopped")
+        self.container.remove()
+
+    def describe(self) -> dict[str, Any]:
+        info = self.exit_info()
+        return {
+            "plugin": self.launch.name,
+            "mode": "container",
+            "image": self.image_id,
+            "container": self.container.name,
+            "exit_code": None if info is None else info.status,
+            "oom_killed": None if info is None else info.oom_killed,
+            "killed_by_supervisor": self.killed,
+        }
+
+
+def start_container(
+    engine: Engine,
+    launch: Launch,
+    *,
+    image_id: str,
+    run_id: str,
+    run_dir: Path,
+    socket_dir: Path,
+) -> ContainerPlugin:
+    """Start the plugin's container: only its socket directory and granted paths mounted."""
+    resources = launch.spec.resources
+    env = {"DATIVO_SOCKET": f"{SOCKET_MOUNT}/{SOCKET_NAME}"}
+    mounts = [Mount(socket_dir, SOCKET_MOUNT, read_only=True)]
+    if launch.input_dir is not None:
+        mounts.append(Mount(launch.input_dir, INPUT_MOUNT, read_only=True))
+        env["DATIVO_INPUT_DIR"] = INPUT_MOUNT
+    if launch.output_dir is not None:
+        mounts.append(Mount(launch.output_dir, OUTPUT_MOUNT, read_only=False))
+        env["DATIVO_OUTPUT_DIR"] = OUTPUT_MOUNT
+    if launch.python_path is not None:
+        mounts.append(Mount(launch.python_path, PLUGIN_MOUNT, read_only=True))
+        env["DATIVO_PLUGIN_PATH"] = PLUGIN_MOUNT
+    spec = ContainerSpec(
+        name=f"dativo-{run_id}-{launch.role}",
+        image=image_id,
+        command=(launch.implementation,) if launch.implementation else (),
+        environment=env,
+        mounts=tuple(mounts),
+        labels={LABEL_RUN_ID: run_id, LABEL_RUN_DIR: str(run_dir), LABEL_ROLE: launch.role},
+        cpus=resources.cpus,
+        memory=resources.memory,
+        pids=resources.pids,
+        tmpfs=resources.tmpfs,
+        user=launch.spec.isolation.user,
+        runtime=launch.spec.isolation.runtime,
+    )
+    container = engine.start(spec)
+    return ContainerPlugin(launch=launch, container=container, image_id=image_id)
+
+
+@dataclass
+class ThreadPlugin:
+    """UNSANDBOXED: the plugin runs in a thread of the supervisor, with its privileges."""
+
+    launch: Launch
+    thread: threading.Thread
+    sock: socket.socket
+    status: list[int] = field(default_factory=list)
+
+    def exit_info(self) -> ExitInfo | None:
+        if self.thread.is_alive():
+            return None
+        return ExitInfo(status=self.status[0] if self.status else 1, oom_killed=False)
+
+    def wait(self, timeout: float) -> ExitInfo | None:
+        self.thread.join(timeout)
+        return self.exit_info()
+
+    def logs(self) -> str:
+        return ""
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.thread.join(5)
+
+    def describe(self) -> dict[str, Any]:
+        info = self.exit_info()
+        return {
+            "plugin": self.launch.name,
+            "mode": "in-process (unsandboxed)",
+            "exit_code": None if info is None else info.status,
+        }
+
+
+def start_thread(launch: Launch, socket_path: Path) -> ThreadPlugin:
+    """Run the plugin host in a thread connected to the run's socket (trusted mode)."""
+    from dativo.host import load_plugin_class, serve
+    from dativo.protocol.v1 import Channel
+
+    if launch.implementation is None:
+        raise ConfigError(
+            f"`{launch.field_path}` is an image without `implementation`; the in-process mode "
+            "can only run Python plugin classes"
+        )
+    if launch.python_path is not None and str(launch.python_path) not in sys.path:
+        sys.path.insert(0, str(launch.python_path))
+    cls = load_plugin_class(launch.implementation)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(socket_path))
+    status: list[int] = []
+
+    def body() -> None:
+        channel = Channel(sock, max_frame_bytes=1 << 31, poll=1.0)
+        try:
+            status.append(
+                serve(
+                    channel,
+                    cls,
+                    input_dir=launch.input_dir,
+                    output_dir=launch.output_dir,
+                    logger=logging.getLogger(f"dativo.plugin.{cls.name}"),
+                )
+            )
+        except Exception:
+            log.exception("in-process %s failed", launch.role)
+            status.append(1)
+        finally:
+            channel.close()
+
+    thread = threading.Thread(target=body, name=f"dativo-{launch.role}", daemon=True)
+    thread.start()
+    return ThreadPlugin(launch=launch, thread=thread, sock=sock, status=status)

@@ -1,0 +1,264 @@
+"""Staging, validating and publishing a writer's files, with a journal for exactly-once.
+
+The writer's container writes into `<target>/.dativo-staging/<run_id>/`, a directory it owns.
+After the container has exited (so nothing can change under us), the supervisor:
+
+1. checks every reported file: a plain relative path, reached without following any symlink,
+   a regular file of the reported size (and, for Parquet, the reported row count);
+2. writes a journal `<target>/.dativo-staging/<run_id>.publish.json` naming the files and the
+   reader state to save, and fsyncs it;
+3. renames each file into the target directory (atomic per file, same filesystem);
+4. saves the state, then deletes the journal and the staging directory.
+
+A crash between 2 and 4 leaves the journal; the next run of the job rolls it forward, so the
+files appear once and the state moves once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from dativo.errors import PluginError
+
+log = logging.getLogger(__name__)
+
+STAGING_DIR = ".dativo-staging"
+_SAFE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=%+,@-]{0,254}")
+_MAX_FILES = 100_000
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    path: str
+    rows: int
+    bytes: int
+    partition: dict[str, str]
+
+
+def staging_root(target: Path) -> Path:
+    return target / STAGING_DIR
+
+
+def create_staging(target: Path, run_id: str, user: str) -> Path:
+    """Create the run's staging directory, owned by the plugin's user."""
+    root = staging_root(target)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / run_id
+    path.mkdir(mode=0o700)
+    uid, _, gid = user.partition(":")
+    try:
+        os.chown(path, int(uid), int(gid))
+    except PermissionError:
+        # Not root: let the plugin's user in through the mode bits instead.
+        os.chmod(path, 0o777)
+    return path
+
+
+def _check_path(raw: Any) -> list[str]:
+    if not isinstance(raw, str) or not raw or raw.startswith("/") or "\\" in raw:
+        raise ValueError(f"file path `{raw!r}` is not a relative POSIX path")
+    parts = raw.split("/")
+    for part in parts:
+        if part in ("", ".", "..") or not _SAFE_PART.fullmatch(part):
+            raise ValueError(f"file path `{raw}` has an unsafe component `{part}`")
+    return parts
+
+
+def _open_dir_chain(root_fd: int, parts: list[str]) -> int:
+    """Walk directories below root_fd without following symlinks; return the last dir's fd."""
+    fd = os.dup(root_fd)
+    for part in parts:
+        try:
+            nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        finally:
+            os.close(fd)
+        fd = nxt
+    return fd
+
+
+def validate_staged(
+    staging: Path, files: list[dict[str, Any]], *, rows_sent: int, plugin: str
+) -> list[StagedFile]:
+    """Check the writer's report against what is really in the staging directory."""
+
+    def fail(message: str) -> PluginError:
+        return PluginError(
+            message,
+            plugin=plugin,
+            role="writer",
+            rule="result",
+            hint="fix the writer: finalize() must report exactly the files it staged",
+        )
+
+    if len(files) > _MAX_FILES:
+        raise fail(f"reported {len(files)} files; the limit is {_MAX_FILES}")
+    staged: list[StagedFile] = []
+    seen: set[str] = set()
+    root_fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        for entry in files:
+            try:
+                parts = _check_path(entry.get("path"))
+                rows, size = int(entry.get("rows", -1)), int(entry.get("bytes", -1))
+            except (ValueError, TypeError) as exc:
+                raise fail(str(exc)) from None
+            path = "/".join(parts)
+            if path in seen:
+                raise fail(f"reported `{path}` twice")
+            seen.add(path)
+            try:
+                dir_fd = _open_dir_chain(root_fd, parts[:-1])
+                try:
+                    fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
+                finally:
+                    os.close(dir_fd)
+            except OSError as exc:
+                raise fail(f"reported `{path}`, which cannot be opened safely ({exc})") from None
+            try:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
+                    raise fail(f"`{path}` is not a regular file")
+                if info.st_size != size:
+                    raise fail(f"`{path}` has {info.st_size} bytes, reported {size}")
+                if path.endswith(".parquet"):
+                    with os.fdopen(os.dup(fd), "rb") as handle:
+                        try:
+                            actual = pq.ParquetFile(handle).metadata.num_rows
+                        except Exception as exc:
+                            raise fail(f"`{path}` is not a readable Parquet file ({exc})") from None
+                    if actual != rows:
+                        raise fail(f"`{path}` holds {actual} rows, reported {rows}")
+            finally:
+                os.close(fd)
+            partition = entry.get("partition") or {}
+            staged.append(StagedFile(path=path, rows=rows, bytes=size, partition=dict(partition)))
+    finally:
+        os.close(root_fd)
+    total = sum(f.rows for f in staged)
+    if staged and total != rows_sent:
+        raise fail(f"staged files hold {total} rows but {rows_sent} rows were sent to it")
+    return staged
+
+
+def _journal_path(target: Path, run_id: str) -> Path:
+    return staging_root(target) / f"{run_id}.publish.json"
+
+
+def publish(
+    target: Path,
+    run_id: str,
+    files: list[StagedFile],
+    *,
+    job: str,
+    state: dict[str, Any] | None,
+    save_state: Callable[[dict[str, Any], str], None],
+) -> list[str]:
+    """Move the staged files into the target and save the state, through the journal."""
+    journal = _journal_path(target, run_id)
+    payload = {
+        "run_id": run_id,
+        "job": job,
+        "files": [f.path for f in files],
+        "state": state,
+    }
+    tmp = journal.with_suffix(".tmp")
+    with open(tmp, "w") as handle:
+        json.dump(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(journal)
+    _fsync_dir(journal.parent)
+    return _roll_forward(target, payload, save_state)
+
+
+def _roll_forward(
+    target: Path, payload: dict[str, Any], save_state: Callable[[dict[str, Any], str], None]
+) -> list[str]:
+    run_id = str(payload["run_id"])
+    staging = staging_root(target) / run_id
+    published = []
+    for rel in payload["files"]:
+        parts = _check_path(rel)
+        destination = target.joinpath(*parts)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if destination.exists():
+            published.append(rel)
+            continue
+        root_fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            dir_fd = _open_dir_chain(root_fd, parts[:-1])
+            try:
+                os.rename(parts[-1], destination, src_dir_fd=dir_fd)
+            finally:
+                os.close(dir_fd)
+        finally:
+            os.close(root_fd)
+        if os.geteuid() == 0:
+            os.chown(destination, os.getuid(), os.getgid())
+        published.append(rel)
+    for directory in {target.joinpath(*_check_path(rel)).parent for rel in payload["files"]}:
+        _fsync_dir(directory)
+    if payload.get("state") is not None:
+        save_state(payload["state"], run_id)
+    _journal_path(target, run_id).unlink(missing_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    return published
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def recover(
+    target: Path,
+    *,
+    job: str,
+    is_alive: Callable[[str], bool],
+    save_state: Callable[[dict[str, Any], str], None],
+) -> list[str]:
+    """Finish publications interrupted by a crash and delete staging of dead runs.
+
+    Returns the run ids whose publication was rolled forward.
+    """
+    root = staging_root(target)
+    if not root.is_dir():
+        return []
+    rolled = []
+    for journal in sorted(root.glob("*.publish.json")):
+        run_id = journal.name.removesuffix(".publish.json")
+        if is_alive(run_id):
+            continue
+        try:
+            payload = json.loads(journal.read_text())
+        except (OSError, ValueError):
+            log.error("unreadable publish journal %s; leaving it for inspection", journal)
+            continue
+        if payload.get("job") != job:
+            continue
+        log.warning("finishing the publication of run %s, interrupted earlier", run_id)
+        _roll_forward(target, payload, save_state)
+        rolled.append(run_id)
+    for entry in root.iterdir():
+        if entry.is_dir() and not entry.is_symlink() and not is_alive(entry.name):
+            if not _journal_path(target, entry.name).exists():
+                shutil.rmtree(entry, ignore_errors=True)
+        elif entry.suffix == ".tmp":
+            with contextlib.suppress(OSError):
+                entry.unlink()
+    return rolled
