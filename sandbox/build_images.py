@@ -347,7 +347,7 @@ def assemble_context() -> None:
 
 
 def ensure_plugin(
-    base_tag: str, base_id: str, *, force: bool, verbose: bool
+    base_tag: str, base_id: str, *, force: bool, verbose: bool, keep_old: bool
 ) -> tuple[str, str, str]:
     digest = plugin_hash(base_id)
     version = project_version()
@@ -381,6 +381,11 @@ def ensure_plugin(
             str(CONTEXT),
         ]
         step.run(cmd, env=DOCKER_ENV)
+        # The install stage's image (it holds the wheels) is of no further use.
+        step.run(
+            ["docker", "image", "prune", "--force", "--filter", "label=org.dativo.stage=install"],
+            env=DOCKER_ENV,
+        )
     finally:
         step.close()
 
@@ -390,7 +395,25 @@ def ensure_plugin(
     retag(tag, version_tag, new_id)
     elapsed = time.monotonic() - started
     print(f"built {tag} in {elapsed:.1f} s (as {version_tag})", flush=True)
+    if not keep_old:
+        remove_stale(PLUGIN_REPO, keep=digest)
     return tag, new_id, version_tag
+
+
+def remove_stale(repo: str, *, keep: str) -> None:
+    """Untag (and so delete) the repo's other hash-tagged images.
+
+    Every change under src/ makes a new plugin image; without this they pile
+    up at a few hundred MB each. Images in use by a container stay.
+    """
+    proc = docker("image", "ls", repo, "--format", "{{.Tag}}")
+    stale = [
+        f"{repo}:{t}"
+        for t in proc.stdout.split()
+        if t != keep and len(t) == HASH_LENGTH and all(c in "0123456789abcdef" for c in t)
+    ]
+    if stale:
+        docker("image", "rm", *stale)
 
 
 def retag(tag: str, alias: str, wanted_id: str) -> None:
@@ -433,6 +456,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="handle this image only (python still reuses, or builds, the base it needs)",
     )
     parser.add_argument(
+        "--keep-old",
+        action="store_true",
+        help="keep older dativo/plugin-python:<hash> images (by default a new build removes them)",
+    )
+    parser.add_argument(
         "-v", "--verbose", action="store_true", help="show build output instead of logging it"
     )
     args = parser.parse_args(argv)
@@ -447,7 +475,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             entries["base"] = {"tag": base_tag, "id": base_id}
             if args.only != "base":
                 tag, image, version_tag = ensure_plugin(
-                    base_tag, base_id, force=args.force, verbose=args.verbose
+                    base_tag,
+                    base_id,
+                    force=args.force,
+                    verbose=args.verbose,
+                    keep_old=args.keep_old,
                 )
                 entries["plugin-python"] = {"tag": tag, "id": image, "version_tag": version_tag}
             write_images_json(entries)

@@ -2,7 +2,10 @@
 
 Files are matched by glob patterns relative to `context.input_dir`, sorted by path and streamed
 block by block (CSV and JSON lines) or batch by batch (Parquet), so memory stays bounded
-whatever the file size. Batches are re-chunked to about `batch_size` rows.
+whatever the file size: Arrow reads up to 32 blocks of `block_size` bytes (default 1 MiB) ahead,
+so CSV and JSON lines need roughly 32 x `block_size` plus the parsed batches. Batches are
+re-chunked to `batch_size` rows (small ones combined, large ones sliced; the last may be
+shorter).
 
 Schema: with a declared `schema` every file is read and cast to exactly that schema (CSV
 columns not declared are skipped). Without one, the schema is inferred from the first
@@ -175,7 +178,7 @@ class CsvOptions(BaseModel):
 class FileReaderConfig(BaseModel):
     """Config of the `files` reader."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     paths: list[str] = Field(
         min_length=1, description="glob patterns relative to the input directory"
@@ -493,6 +496,8 @@ class _Rechunker:
 # The reader
 
 _CSV_COLUMN_RE = re.compile(r"In CSV column #(\d+): (.*)", re.DOTALL)
+_NULL_WORD_RE = re.compile(r"invalid value '(null|none|nil|na|n/a|nan|\\n|-|\?)'", re.IGNORECASE)
+_JSON_COLUMN_RE = re.compile(r"Column\(/([^)/]*)\)")
 
 
 class FileReader(DataReader):
@@ -817,7 +822,11 @@ class FileReader(DataReader):
                 + (f" cannot be read as {wanted}" if wanted is not None else "")
                 + f": {detail}."
                 + (self._fix() if self._declared is None else " Fix the data or its `schema` type.")
-                + " Set `csv.null_values` if the file marks nulls with a word such as NULL."
+                + (
+                    " If that value means null, list it in `csv.null_values`."
+                    if _NULL_WORD_RE.search(detail)
+                    else ""
+                )
             )
         hint = ""
         if "Expected" in text and "columns" in text:
@@ -853,7 +862,7 @@ class FileReader(DataReader):
         try:
             reader = self._open_json(source, schema)
         except pa.ArrowInvalid as exc:
-            raise SourceError(self._json_error(source, exc)) from None
+            raise SourceError(self._json_error(source, schema, exc)) from None
         with reader:
             while True:
                 try:
@@ -861,10 +870,10 @@ class FileReader(DataReader):
                 except StopIteration:
                     return
                 except pa.ArrowInvalid as exc:
-                    raise SourceError(self._json_error(source, exc)) from None
+                    raise SourceError(self._json_error(source, schema, exc)) from None
                 yield _conform(batch, schema, source.rel)
 
-    def _json_error(self, source: _Source, exc: Exception) -> str:
+    def _json_error(self, source: _Source, schema: pa.Schema, exc: Exception) -> str:
         text = str(exc)
         if "unexpected field" in text.lower():
             return (
@@ -873,6 +882,10 @@ class FileReader(DataReader):
             )
         if "straddl" in text:
             return f"{source.rel}: {text}: a line is longer than `block_size`; raise it."
+        match = _JSON_COLUMN_RE.search(text)
+        if match is not None and match.group(1) in schema.names:
+            column = match.group(1)
+            text = f"column `{column}` cannot be read as {schema.field(column).type}: {text}"
         return f"{source.rel}: {text}." + (
             self._fix() if self._declared is None else " Fix the data or its `schema` type."
         )

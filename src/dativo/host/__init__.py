@@ -36,6 +36,7 @@ PLUGIN_ENV = "DATIVO_PLUGIN"
 PLUGIN_PATH_ENV = "DATIVO_PLUGIN_PATH"
 INPUT_DIR_ENV = "DATIVO_INPUT_DIR"
 OUTPUT_DIR_ENV = "DATIVO_OUTPUT_DIR"
+ROLE_ENV = "DATIVO_ROLE"
 _MAX_LOG_CHARS = 4000
 _MAX_DETAIL_CHARS = 8000
 
@@ -253,9 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cls = load_plugin_class(implementation)
     except Exception as exc:
-        role = "writer" if "writer" in implementation.lower() else "reader"
+        role = "writer" if os.environ.get(ROLE_ENV) == "writer" else "reader"
         channel.send(v1.Hello(protocols=[1], role=role, plugin=implementation[:200], version="?"))
-        channel.send(v1.Error(category="config", message=f"cannot load `{implementation}`: {exc}"))
+        channel.send(v1.Error(category="plugin", message=f"cannot load `{implementation}`: {exc}"))
         return 2
     logger = logging.getLogger(f"dativo.plugin.{cls.name}")
     logger.addHandler(_LogForwarder(channel))

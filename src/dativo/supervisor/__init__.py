@@ -83,6 +83,7 @@ class RunReport:
     bytes: int = 0
     batches: int = 0
     seconds: float = 0.0
+    stream_seconds: float = 0.0
     files: list[dict[str, Any]] = field(default_factory=list)
     state_saved: bool = False
     recovered_runs: list[str] = field(default_factory=list)
@@ -102,6 +103,7 @@ class RunReport:
             "bytes": self.bytes,
             "batches": self.batches,
             "seconds": round(self.seconds, 3),
+            "stream_seconds": round(self.stream_seconds, 3),
             "rows_per_second": round(self.rows / self.seconds) if self.seconds else None,
             "files": self.files,
             "state_saved": self.state_saved,
@@ -565,6 +567,7 @@ class _Run:
                 elif isinstance(message, v1.End):
                     if schema is None:
                         raise reader.error("sent `end` before its schema", "protocol")
+                    report.stream_seconds = time.monotonic() - started
                     return message
                 else:
                     raise reader.error(f"sent `{message.type}` during the stream", "protocol")

@@ -171,7 +171,7 @@ def start_container(
 ) -> ContainerPlugin:
     """Start the plugin's container: only its socket directory and granted paths mounted."""
     resources = launch.spec.resources
-    env = {"DATIVO_SOCKET": f"{SOCKET_MOUNT}/{SOCKET_NAME}"}
+    env = {"DATIVO_SOCKET": f"{SOCKET_MOUNT}/{SOCKET_NAME}", "DATIVO_ROLE": launch.role}
     mounts = [Mount(socket_dir, SOCKET_MOUNT, read_only=True)]
     if launch.input_dir is not None:
         mounts.append(Mount(launch.input_dir, INPUT_MOUNT, read_only=True))
