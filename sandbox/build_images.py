@@ -19,7 +19,8 @@ only when no image has that tag yet:
   It is also tagged ``dativo/plugin-python:<project version>``, the tag the
   supervisor looks for (unless ``DATIVO_PYTHON_IMAGE`` overrides it).
 
-``build/images.json`` records the tags and image IDs. Standard library only;
+A new plugin build removes older ``dativo/plugin-python:<hash>`` images
+(``--keep-old`` keeps them). ``build/images.json`` records the tags and IDs. Standard library only;
 talks to the engine through the ``docker`` CLI. Each step's output goes to
 ``build/logs/<image>.log``, whose tail is printed when a step fails.
 """
@@ -364,7 +365,8 @@ def ensure_plugin(
     try:
         build_wheelhouse(step)
         assemble_context()
-        cmd = ["docker", "build", "--rm", "--force-rm"]
+        # --network none: the install must work offline, as at an air-gapped site.
+        cmd = ["docker", "build", "--rm", "--force-rm", "--network", "none"]
         if force:
             cmd.append("--no-cache")
         cmd += [

@@ -110,18 +110,19 @@ else
     started=$!
 fi
 
+why="no Docker engine answered within ${WAIT}s"
 for _ in $(seq 1 "$WAIT"); do
     if version=$(server_version); then
         say "Docker engine $version answers"
         exit 0
     fi
     if [ -n "$started" ] && ! kill -0 "$started" 2>/dev/null; then
-        echo "engine: dockerd exited early" >&2
+        why="dockerd exited right after starting"
         break
     fi
     sleep 1
 done
 
-echo "engine: ERROR: no Docker engine answered within ${WAIT}s. Last lines of $LOG:" >&2
+echo "engine: ERROR: $why. Last lines of $LOG:" >&2
 tail -n 40 "$LOG" >&2 2>/dev/null || true
 exit 1

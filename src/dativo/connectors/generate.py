@@ -4,7 +4,8 @@ Every value is a pure function of (seed, column, row index): a SplitMix64 hash c
 vectorised Arrow kernels, so any batch size yields the same rows and :func:`generate_table`
 returns exactly what the reader streams.
 
-Columns cycle through a fixed mix of types (column 0 is the unique, non-null `id`)::
+Columns cycle through a fixed mix of types; column N is named `{kind}_N`, except column 0, the
+unique, non-null `id`::
 
     0 id / int64_N    int64           (id = row index; later int64 columns are hashes)
     1 int32_N         int32

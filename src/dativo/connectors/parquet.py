@@ -1,16 +1,17 @@
 """The `parquet` writer: Parquet files in the staging directory, optionally hive-partitioned.
 
-Files are named `{file_prefix}-{run_id[:12]}-{seq:05d}.parquet` (one sequence for the whole
+Files are named `{file_prefix}-{run_id}-{seq:05d}.parquet` (one sequence for the whole
 run) and written under a hidden temporary name (`.{name}.tmp`) in their final directory, then
 renamed when closed; a crash leaves only `.tmp` names behind. A file is closed and a new one
 started once it reaches `target_file_size`.
 
 Rows are buffered per partition until `row_group_size` rows (or a memory budget) are reached,
 then written as one row group, so memory stays bounded. With `partition_by`, rows go to
-`col=value/` directories (values percent-encoded to be path-safe, null as `__null__`, empty
-string as `__empty__`) and, as is usual for hive layouts, the partition columns are not
-stored in the files themselves: readers such as `pyarrow.dataset(..., partitioning="hive")`
-restore them from the directory names.
+`col=value/` directories: names and values are percent-encoded to be path-safe, a null is
+`__null__`, an empty string `__empty__`, and a value longer than 200 bytes is shortened and
+suffixed with a hash. As is usual for hive layouts, the partition columns are not stored in the
+files themselves: readers such as `pyarrow.dataset(..., partitioning="hive")` restore them from
+the directory names.
 
 Every file and directory is created relative to an open directory descriptor, with
 `O_NOFOLLOW` and `O_EXCL`, so a symbolic link planted in the staging directory is never
@@ -51,6 +52,7 @@ EMPTY_PARTITION = "__empty__"
 _PER_PARTITION_BUFFER = 64 << 20  # bytes of Arrow data buffered for one row group at most
 _TOTAL_BUFFER = 128 << 20  # bytes buffered over all partitions at most
 _MAX_SEGMENT = 200  # bytes of one encoded partition value, before it is shortened
+_SAFE_COLUMN_START = re.compile(r"[A-Za-z0-9_]")
 _PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -102,6 +104,11 @@ class ParquetWriterConfig(BaseModel):
         return value
 
 
+def _encode(text: str) -> str:
+    """Percent-encode all but letters, digits and `_.-` (the supervisor accepts `%`)."""
+    return quote(text, safe="").replace("~", "%7E")
+
+
 def _segment(column: str, value: str | None) -> str:
     """The path-safe directory name `column=value` of one partition value."""
     if value is None:
@@ -109,15 +116,17 @@ def _segment(column: str, value: str | None) -> str:
     elif value == "":
         text = EMPTY_PARTITION
     else:
-        text = quote(value, safe="")
+        text = _encode(value)
         if text.startswith("."):
-            text = "%2E" + text[1:]  # neither hidden nor `.`/`..`
+            text = "%2E" + text[1:]
         if text in (NULL_PARTITION, EMPTY_PARTITION):
             text = "%5F" + text[1:]
         if len(text) > _MAX_SEGMENT:
             digest = hashlib.sha256(value.encode()).hexdigest()[:16]
-            text = f"{text[: _MAX_SEGMENT - 17]}~{digest}"
-    return f"{quote(column, safe='')}={text}"
+            head = text[: _MAX_SEGMENT - 17]
+            cut = head.rfind("%", len(head) - 2)
+            text = f"{head[:cut] if cut >= 0 else head}-{digest}"
+    return f"{_encode(column)}={text}"
 
 
 @dataclass
@@ -178,7 +187,7 @@ class ParquetWriter(DataWriter):
                 f"cannot open the staging directory {context.output_dir}: {exc.strerror}"
             ) from None
         self._dir_fds[""] = self._root_fd
-        self._run_tag = re.sub(r"[^A-Za-z0-9_-]", "_", context.run_id[:12]) or "run"
+        self._run_tag = re.sub(r"[^A-Za-z0-9_-]", "_", context.run_id) or "run"
 
     def open(self, schema: pa.Schema) -> None:
         cfg = self._cfg()
@@ -190,6 +199,12 @@ class ParquetWriter(DataWriter):
                 f"columns are {', '.join(f'`{n}`' for n in schema.names)}. Fix `partition_by`."
             )
         for name in cfg.partition_by:
+            if not _SAFE_COLUMN_START.match(_encode(name)):
+                raise PluginConfigError(
+                    f"writer `parquet`: cannot partition by `{name}`: a partition column's name "
+                    "must start with a letter, a digit or `_` (it begins a directory name); "
+                    "rename the column or choose another"
+                )
             dtype = schema.field(name).type
             if pa.types.is_nested(dtype) or pa.types.is_binary(dtype):
                 raise PluginConfigError(
@@ -298,15 +313,14 @@ class ParquetWriter(DataWriter):
                 key = pc.cast(pc.dictionary_encode(combined).indices, pa.int64())
         assert key is not None
         uniques = pc.unique(key)
-        table = pa.RecordBatch.from_arrays(data, schema=self._file_schema)
+        stored = pa.RecordBatch.from_arrays(data, schema=self._file_schema)
         groups = []
         for value in uniques:
             if len(uniques) == 1:
-                rows, first = table, batch.slice(0, 1)
+                rows, first = stored, batch.slice(0, 1)
             else:
-                mask = pc.equal(key, value)
-                rows = table.filter(mask)
-                first = batch.filter(mask).slice(0, 1)
+                rows = stored.filter(pc.equal(key, value))
+                first = batch.slice(pc.index(key, value).as_py(), 1)
             texts: list[str | None] = []
             for name in cfg.partition_by:
                 column = first.column(name)

@@ -193,13 +193,26 @@ def _roll_forward(
         parts = _check_path(rel)
         destination = target.joinpath(*parts)
         destination.parent.mkdir(parents=True, exist_ok=True)
-        if destination.exists():
-            published.append(rel)
-            continue
         root_fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
             dir_fd = _open_dir_chain(root_fd, parts[:-1])
             try:
+                try:
+                    os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    # Moved before a crash interrupted this publication: nothing left to do.
+                    if destination.exists():
+                        published.append(rel)
+                        continue
+                    raise
+                if destination.exists() or destination.is_symlink():
+                    raise PluginError(
+                        f"`{rel}` already exists in `{target}`; refusing to overwrite it",
+                        plugin=str(payload.get("job")),
+                        role="writer",
+                        rule="result",
+                        hint="writers must put the run id in their file names",
+                    )
                 os.rename(parts[-1], destination, src_dir_fd=dir_fd)
             finally:
                 os.close(dir_fd)

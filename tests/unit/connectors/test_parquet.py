@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ def read_back(outdir: Path, result: WriteResult) -> pa.Table:
 def test_round_trip(outdir: Path) -> None:
     table = generate_table(5000, 16, seed=3)
     result = write(outdir, {}, table)
-    assert [f.path for f in result.files] == ["part-0123456789ab-00001.parquet"]
+    assert [f.path for f in result.files] == ["part-0123456789abcdef-run-00001.parquet"]
     assert result.metadata == {"format": "parquet", "compression": "zstd"}
     assert result.rows == 5000
     assert read_back(outdir, result).equals(table)
@@ -80,7 +81,9 @@ def test_files_roll_at_target_size(outdir: Path) -> None:
     result = write(outdir, {"target_file_size": "64KiB", "file_prefix": "orders"}, table, rows=2000)
     assert len(result.files) > 3
     names = [f.path for f in result.files]
-    assert names == [f"orders-0123456789ab-{i:05d}.parquet" for i in range(1, len(names) + 1)]
+    assert names == [
+        f"orders-0123456789abcdef-run-{i:05d}.parquet" for i in range(1, len(names) + 1)
+    ]
     assert sum(f.rows for f in result.files) == 20_000
     for f in result.files:
         assert f.bytes == (outdir / f.path).stat().st_size
@@ -128,6 +131,27 @@ def test_partitioning_layout_and_values(outdir: Path) -> None:
     rows = {(r["country"], str(r["day"])): r["v"] for r in got.to_pylist()}
     assert rows[("fr", "2024-01-01")] in (0, 5)
     assert rows[("a/b", "2024-01-02")] == 3
+
+
+def test_partition_segments_are_safe_for_the_supervisor(outdir: Path) -> None:
+    safe = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=%+,@-]{0,254}")  # supervisor's rule
+    values = ["~home", "a b:c", "é/ü", "x" * 300, "%" * 150, ".hidden"]
+    table = pa.table({"Order Date": values, "v": list(range(len(values)))})
+    result = write(outdir, {"partition_by": ["Order Date"]}, table)
+    assert len(result.files) == len(values)
+    for f in result.files:
+        for part in f.path.split("/"):
+            assert safe.fullmatch(part), part
+    got = ds.dataset(outdir, format="parquet", partitioning="hive").to_table()
+    decoded = set(got.column("Order Date").to_pylist())
+    assert {"~home", "a b:c", "é/ü", ".hidden"} <= decoded  # hive readers decode them back
+    # Values too long for a directory name are shortened, with a hash to keep them apart.
+    assert any(v.startswith("x" * 150) and v != "x" * 300 for v in decoded)
+    assert any(v.startswith("%" * 50) and v != "%" * 150 for v in decoded)
+    with pytest.raises(PluginConfigError, match="must start with a letter"):
+        make_writer(
+            outdir, {"partition_by": ["-k"]}, pa.schema([("-k", pa.int8()), ("v", pa.int8())])
+        )
 
 
 def test_partition_column_missing_is_a_config_error(outdir: Path) -> None:
@@ -194,7 +218,7 @@ def test_planted_symlinks_are_not_followed(tmp_path: Path, outdir: Path) -> None
 
     target = outside / "victim"
     target.write_text("keep")
-    (outdir / "part-0123456789ab-00001.parquet").symlink_to(target)
+    (outdir / "part-0123456789abcdef-run-00001.parquet").symlink_to(target)
     writer = make_writer(outdir, {}, table.schema)
     writer.write_batch(table.to_batches()[0])
     with pytest.raises(SourceError, match="already exists"):
