@@ -65,8 +65,9 @@ test-security: images ## Run the hostile-plugin containment suite (tests/securit
 		$(PYTEST) $(PYTEST_FLAGS) tests/security; \
 	fi
 
-bench: images ## Run every benchmark (bench/*.py), one after the other
-	@shopt -s nullglob; files=(bench/*.py); \
+bench: images ## Run every benchmark (bench/*.py but not bench/_*.py), one after the other
+	@shopt -s nullglob; files=(); \
+	for f in bench/*.py; do [[ $$(basename "$$f") == _* ]] || files+=("$$f"); done; \
 	if [ $${#files[@]} -eq 0 ]; then echo "bench: no bench/*.py yet"; fi; \
 	for f in "$${files[@]}"; do echo "== $$f"; $(PY) "$$f"; done
 

@@ -30,7 +30,8 @@ def main() -> None:
     tmp.replace(args.out)
     stamp.write_text(f"{args.rows}\n")
     size = args.out.stat().st_size / 1e6
-    print(f"wrote {args.out} ({args.rows:,} rows, {size:,.0f} MB) in {time.monotonic() - started:.1f} s")
+    seconds = time.monotonic() - started
+    print(f"wrote {args.out} ({args.rows:,} rows, {size:,.0f} MB) in {seconds:.1f} s")
 
 
 if __name__ == "__main__":

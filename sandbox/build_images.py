@@ -20,9 +20,10 @@ only when no image has that tag yet:
   supervisor looks for (unless ``DATIVO_PYTHON_IMAGE`` overrides it).
 
 A new plugin build removes older ``dativo/plugin-python:<hash>`` images
-(``--keep-old`` keeps them). ``build/images.json`` records the tags and IDs. Standard library only;
-talks to the engine through the ``docker`` CLI. Each step's output goes to
-``build/logs/<image>.log``, whose tail is printed when a step fails.
+(``--keep-old`` keeps them). ``build/images.json`` records the tags and IDs.
+Standard library only; talks to the engine through the ``docker`` CLI. Each
+step's output goes to ``build/logs/<image>.log``, whose tail is printed when a
+step fails (``-v`` shows it as it happens).
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,17 +22,31 @@ LABEL_RUN_DIR = "org.dativo.run-dir"
 LABEL_ROLE = "org.dativo.role"
 
 
+def _no_engine(reason: object) -> EngineError:
+    return EngineError(
+        f"no Docker engine answers ({reason}). Start one with `make engine` "
+        "(or `sudo dockerd &`), or set DOCKER_HOST.",
+        transient=True,
+    )
+
+
 def connect(timeout: float = 30.0) -> docker.DockerClient:
     """Return a client for the local engine or explain how to start one."""
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if host.startswith("unix://"):
+        # docker-py leaks its socket when the engine is absent; look before it leaps.
+        path = host.removeprefix("unix://")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(timeout)
+            try:
+                probe.connect(path)
+            except OSError as exc:
+                raise _no_engine(f"cannot connect to `{path}`: {exc.strerror or exc}") from None
     try:
         client = docker.from_env(timeout=int(timeout))
         client.ping()
     except docker.errors.DockerException as exc:
-        raise EngineError(
-            f"no Docker engine answers ({exc}). Start one with `make engine` "
-            "(or `sudo dockerd &`), or set DOCKER_HOST.",
-            transient=True,
-        ) from None
+        raise _no_engine(exc) from None
     return client
 
 

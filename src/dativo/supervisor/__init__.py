@@ -251,6 +251,7 @@ class _Run:
         self.store = store
         self.run_id = report.run_id
         self.processes: list[PluginProcess] = []
+        self.channels: list[v1.Channel] = []
         self.failure: DativoError | None = None
         self.failed = threading.Event()
 
@@ -326,6 +327,8 @@ class _Run:
                 shutil.rmtree(staging, ignore_errors=True)
             raise
         finally:
+            for channel in self.channels:
+                channel.close()
             for process in self.processes:
                 process.stop()
                 self.report.plugins[process.launch.role] = process.describe()
@@ -352,11 +355,9 @@ class _Run:
                         logs=process.logs() or None,
                     ) from None
         listener.close()  # one connection per plugin, ever
-        session = _Session(
-            launch,
-            process,
-            v1.Channel(sock, max_frame_bytes=self.job.run.max_frame_bytes),
-        )
+        channel = v1.Channel(sock, max_frame_bytes=self.job.run.max_frame_bytes)
+        self.channels.append(channel)
+        session = _Session(launch, process, channel)
         try:
             hello = session.channel.recv_control(deadline=deadline)
         except TimeoutError:
