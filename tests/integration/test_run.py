@@ -249,3 +249,44 @@ def test_killed_supervisor_leaves_containers_that_next_run_reaps(
     )
     report = run_job(quick)  # ...so the next run reaps them.
     assert sorted(report.reaped_containers) == names
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupted_supervisor_cleans_up(tmp_path: Path, client: Any, signum: int) -> None:
+    slow = {
+        "version": 1,
+        "name": "interrupted",
+        "source": {"reader": fixture_plugin("SlowReader", {"interval": 0.2})},
+        "target": {"path": "out", "writer": {"type": "builtin", "name": "parquet"}},
+    }
+    (tmp_path / "slow.yaml").write_text(yaml.safe_dump(slow))
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "dativo", "run", str(tmp_path / "slow.yaml")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        running: list[Any] = []
+        while time.monotonic() < deadline and len(running) < 2:
+            time.sleep(0.2)
+            running = [
+                c
+                for c in client.containers.list(filters={**MANAGED, "status": "running"})
+                if c.labels.get(LABEL_RUN_ID) != "probe"
+            ]
+        assert len(running) == 2, "the supervisor never started both plugins"
+        time.sleep(1.0)  # batches are flowing
+        supervisor.send_signal(signum)
+        _, stderr = supervisor.communicate(timeout=60)
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.communicate()
+    assert supervisor.returncode == 130
+    assert "interrupted" in stderr
+    assert "Traceback" not in stderr
+    assert published(tmp_path / "out") == []
+    assert list((tmp_path / "out" / ".dativo-staging").iterdir()) == []
+    # no_leftovers (autouse) checks containers and run directories.
