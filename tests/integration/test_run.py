@@ -18,7 +18,7 @@ import yaml
 from dativo.config import parse_job
 from dativo.connectors.generate import csv_schema, generate_csv, generate_table
 from dativo.errors import PluginError
-from dativo.sandbox import LABEL_RUN_ID, runtime_base
+from dativo.sandbox import LABEL_RUN_DIR, runtime_base
 from dativo.state import StateStore
 from dativo.supervisor import RunOptions, run_job
 
@@ -37,10 +37,20 @@ def client(docker_engine: str) -> Any:
 def no_leftovers(client: Any) -> Any:
     """Every test must leave no container, run directory or staging directory behind."""
     yield
-    leftover = [c.name for c in client.containers.list(all=True, filters=MANAGED)]
-    assert leftover == [], f"containers left behind: {leftover}"
+    leftover = own_containers(client)
+    assert leftover == [], f"containers left behind: {[c.name for c in leftover]}"
     base = runtime_base()
     assert list(base.iterdir()) == [], f"run directories left in {base}"
+
+
+def own_containers(client: Any, **filters: str) -> list[Any]:
+    """Containers of this test session's supervisors (not of others sharing the engine)."""
+    base = str(runtime_base())
+    return [
+        c
+        for c in client.containers.list(all=True, filters={**MANAGED, **filters})
+        if c.labels.get(LABEL_RUN_DIR, "").startswith(base + "/")
+    ]
 
 
 def fixture_plugin(name: str, config: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
@@ -231,15 +241,14 @@ def test_killed_supervisor_leaves_containers_that_next_run_reaps(
         running: list[Any] = []
         while time.monotonic() < deadline and len(running) < 2:
             time.sleep(0.2)
-            running = client.containers.list(filters={**MANAGED, "status": "running"})
-            running = [c for c in running if c.labels.get(LABEL_RUN_ID) != "probe"]
+            running = own_containers(client, status="running")
         assert len(running) == 2, "the supervisor never started both plugins"
     finally:
         os.kill(supervisor.pid, signal.SIGKILL)
         supervisor.wait()
     names = sorted(c.name for c in running)
     time.sleep(0.5)
-    still = sorted(c.name for c in client.containers.list(all=True, filters=MANAGED))
+    still = sorted(c.name for c in own_containers(client))
     assert still == names  # SIGKILL gives no chance to clean up...
 
     quick = job(
@@ -271,11 +280,7 @@ def test_interrupted_supervisor_cleans_up(tmp_path: Path, client: Any, signum: i
         running: list[Any] = []
         while time.monotonic() < deadline and len(running) < 2:
             time.sleep(0.2)
-            running = [
-                c
-                for c in client.containers.list(filters={**MANAGED, "status": "running"})
-                if c.labels.get(LABEL_RUN_ID) != "probe"
-            ]
+            running = own_containers(client, status="running")
         assert len(running) == 2, "the supervisor never started both plugins"
         time.sleep(1.0)  # batches are flowing
         supervisor.send_signal(signum)
