@@ -7,6 +7,7 @@ from dativo.errors import (
     InternalError,
     PluginError,
     ProtocolError,
+    SignatureError,
     StateError,
 )
 
@@ -19,6 +20,7 @@ __all__ = [
     "InternalError",
     "PluginError",
     "ProtocolError",
+    "SignatureError",
     "StateError",
     "__version__",
 ]

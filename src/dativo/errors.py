@@ -11,6 +11,7 @@ __all__ = [
     "InternalError",
     "PluginError",
     "ProtocolError",
+    "SignatureError",
     "StateError",
 ]
 
@@ -90,6 +91,49 @@ class PluginError(DativoError):
 
 class ProtocolError(DativoError):
     """Bytes on the plugin socket do not follow protocol v1 (framing, ordering, Arrow IPC)."""
+
+
+class SignatureError(DativoError):
+    """A plugin image is not signed as the trust policy requires, or its signature is not valid.
+
+    Raised before any container of the image starts (and by `dativo plugin import` before the
+    image is loaded).
+
+    Attributes:
+        check: short name of the check that failed (`unsigned`, `signature`, `untrusted-key`,
+            `scope`, `expired`, `revoked`, `image-mismatch`, `manifest-mismatch`, `manifest`,
+            `kind`, `entrypoint`, `name`, `rollback`, `bundle`), so reports and tests can match
+            on it.
+        image: the image reference or ID that was checked, if any.
+        plugin: the plugin's display name, when a job uses it.
+        role: `reader` or `writer`, when a job uses it.
+        hint: what to do about it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        check: str,
+        image: str | None = None,
+        plugin: str | None = None,
+        role: Role | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, transient=False)
+        self.check = check
+        self.image = image
+        self.plugin = plugin
+        self.role = role
+        self.hint = hint
+
+    def __str__(self) -> str:
+        text = self.message
+        if self.role and self.plugin:
+            text = f"{self.role} plugin `{self.plugin}`: {text}"
+        if self.hint:
+            text += f"\n  fix: {self.hint}"
+        return text
 
 
 class StateError(DativoError):

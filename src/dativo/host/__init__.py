@@ -114,10 +114,17 @@ def serve(
     """Run one plugin session on a connected channel; return the process exit status."""
     role = "reader" if issubclass(cls, DataReader) else "writer"
     log = logger or logging.getLogger(f"dativo.plugin.{cls.name}")
-    channel.send(
-        v1.Hello(protocols=[v1.PROTOCOL_VERSION], role=role, plugin=cls.name, version=cls.version)
-    )
-    first = _recv_until_control(channel)
+    try:
+        channel.send(
+            v1.Hello(
+                protocols=[v1.PROTOCOL_VERSION], role=role, plugin=cls.name, version=cls.version
+            )
+        )
+        first = _recv_until_control(channel)
+    except v1.PeerClosed:
+        return 3
+    except v1.ProtocolError:
+        return 2
     if isinstance(first, v1.Error):
         return 2
     if not isinstance(first, v1.Init) or first.protocol != v1.PROTOCOL_VERSION:
@@ -138,19 +145,21 @@ def serve(
         checkpoint=checkpoint,
     )
     plugin = cls()
+    closed: list[bool] = []
     try:
         if isinstance(plugin, DataReader):
-            _serve_reader(channel, plugin, init, context)
+            _serve_reader(channel, plugin, init, context, closed)
         else:
-            _serve_writer(channel, plugin, init, context)
+            _serve_writer(channel, plugin, init, context, closed)
     except _Stop:
         return 0
     except v1.PeerClosed:
         return 3
     except Exception as exc:
-        if isinstance(plugin, DataWriter):
-            _quietly(plugin.abort)
-        _quietly(plugin.close)
+        if not closed:
+            if isinstance(plugin, DataWriter):
+                _quietly(plugin.abort)
+            _quietly(plugin.close)
         with contextlib.suppress(Exception):
             channel.send(_error_message(exc))
         return 1
@@ -162,9 +171,10 @@ def _quietly(fn: Any) -> None:
         fn()
 
 
-def _finish(channel: v1.Channel, plugin: DataReader | DataWriter) -> None:
+def _finish(channel: v1.Channel, plugin: DataReader | DataWriter, closed: list[bool]) -> None:
     """Wait for shutdown or abort, close the plugin and say bye."""
     message = _recv_until_control(channel)
+    closed.append(True)  # from here on, a failure must not call abort/close again
     if isinstance(message, v1.Abort) and isinstance(plugin, DataWriter):
         plugin.abort()
     plugin.close()
@@ -173,7 +183,11 @@ def _finish(channel: v1.Channel, plugin: DataReader | DataWriter) -> None:
 
 
 def _serve_reader(
-    channel: v1.Channel, plugin: DataReader, init: v1.Init, context: PluginContext
+    channel: v1.Channel,
+    plugin: DataReader,
+    init: v1.Init,
+    context: PluginContext,
+    closed: list[bool],
 ) -> None:
     plugin.initialize(dict(init.config), context)
     schema = plugin.get_schema()
@@ -192,11 +206,15 @@ def _serve_reader(
             )
         channel.send_arrow(batch.serialize())
     channel.send(v1.End(state=plugin.get_incremental_state()))
-    _finish(channel, plugin)
+    _finish(channel, plugin, closed)
 
 
 def _serve_writer(
-    channel: v1.Channel, plugin: DataWriter, init: v1.Init, context: PluginContext
+    channel: v1.Channel,
+    plugin: DataWriter,
+    init: v1.Init,
+    context: PluginContext,
+    closed: list[bool],
 ) -> None:
     plugin.initialize(dict(init.config), context)
     channel.send(v1.Ready())
@@ -220,8 +238,9 @@ def _serve_writer(
             if not isinstance(result, WriteResult):
                 raise TypeError(f"finalize() returned {type(result).__name__}, not WriteResult")
             channel.send(v1.Result(**result.to_json()))
-            _finish(channel, plugin)
+            _finish(channel, plugin, closed)
         if isinstance(control, v1.Abort):
+            closed.append(True)
             plugin.abort()
             plugin.close()
             raise _Stop

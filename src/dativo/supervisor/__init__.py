@@ -127,12 +127,17 @@ class _Session:
     """One plugin's connection and the bookkeeping around it."""
 
     def __init__(
-        self, launch: Launch, process: PluginProcess, channel: v1.Channel | None = None
+        self,
+        launch: Launch,
+        process: PluginProcess,
+        channel: v1.Channel | None = None,
+        started: float | None = None,
     ) -> None:
         self.launch = launch
         self.process = process
         self._channel = channel
-        self.deadline = time.monotonic() + launch.spec.resources.timeout
+        # The wall clock runs from the container's start, not from the handshake.
+        self.deadline = (started or time.monotonic()) + launch.spec.resources.timeout
         self.hello: v1.Hello | None = None
         self._tokens = float(_LOG_BURST)
         self._last = time.monotonic()
@@ -252,6 +257,7 @@ class _Run:
         self.run_id = report.run_id
         self.processes: list[PluginProcess] = []
         self.channels: list[v1.Channel] = []
+        self.end_sent = False
         self.failure: DativoError | None = None
         self.failed = threading.Event()
 
@@ -316,7 +322,7 @@ class _Run:
                 self.processes.append(process)
                 if self.options.on_start:
                     self.options.on_start(process)
-                sessions[launch.role] = (launch, process, listener)
+                sessions[launch.role] = (launch, process, listener, time.monotonic())
             reader_session = self._handshake(*sessions["reader"])
             writer_session = self._handshake(*sessions["writer"])
             self._relay(reader_session, writer_session, staging)
@@ -334,7 +340,9 @@ class _Run:
                 self.report.plugins[process.launch.role] = process.describe()
             rundir.close()
 
-    def _handshake(self, launch: Launch, process: PluginProcess, listener: Any) -> _Session:
+    def _handshake(
+        self, launch: Launch, process: PluginProcess, listener: Any, started: float
+    ) -> _Session:
         timeout = self.job.run.handshake_timeout
         deadline = time.monotonic() + timeout
         listener.settimeout(0.2)
@@ -357,7 +365,7 @@ class _Run:
         listener.close()  # one connection per plugin, ever
         channel = v1.Channel(sock, max_frame_bytes=self.job.run.max_frame_bytes)
         self.channels.append(channel)
-        session = _Session(launch, process, channel)
+        session = _Session(launch, process, channel, started)
         try:
             hello = session.channel.recv_control(deadline=deadline)
         except TimeoutError:
@@ -389,17 +397,36 @@ class _Run:
             )
         session.hello = hello
         state = self.store.get(self.job.name) if launch.role == "reader" else None
-        session.channel.send(
-            v1.Init(
-                protocol=v1.PROTOCOL_VERSION,
-                run_id=self.run_id,
-                config=dict(launch.spec.config),
-                state=state,
-                batch_size=self.job.run.batch_size,
-                max_frame_bytes=self.job.run.max_frame_bytes,
-            )
+        init = v1.Init(
+            protocol=v1.PROTOCOL_VERSION,
+            run_id=self.run_id,
+            config=dict(launch.spec.config),
+            state=state,
+            batch_size=self.job.run.batch_size,
+            max_frame_bytes=self.job.run.max_frame_bytes,
         )
+        try:
+            session.channel.send(init, deadline=deadline)
+        except v1.PeerClosed:
+            # It hung up right after hello; an `error` it sent first explains why.
+            raise self._last_words(session, "closed the connection before `init`") from None
+        except TimeoutError:
+            raise session.error(f"did not read `init` within {timeout:g} s", "handshake") from None
         return session
+
+    @staticmethod
+    def _last_words(session: _Session, what: str) -> PluginError:
+        """The `error` a plugin sent before hanging up, or a diagnosis of its exit."""
+        try:
+            while True:
+                message = session.channel.recv_control(deadline=time.monotonic() + 2.0)
+                if isinstance(message, v1.Error):
+                    return session.from_error_message(message)
+                if isinstance(message, v1.Log):
+                    session.log(message)
+        except (DativoError, TimeoutError):
+            pass
+        return session.diagnose(what)
 
     def _check(self, session: _Session) -> Callable[[], None]:
         def check() -> None:
@@ -425,6 +452,7 @@ class _Run:
         try:
             end = self._pump(reader, writer)
             try:
+                self.end_sent = True
                 writer.channel.send(v1.End())
             except v1.PeerClosed:
                 raise self._writer_gone(writer) from None
@@ -474,6 +502,8 @@ class _Run:
                 raise writer.diagnose("closed the connection") from None
             except TimeoutError:
                 raise writer.timeout_error() from None
+            except ProtocolError as exc:
+                raise writer.error(f"broke the protocol: {exc}", "protocol") from None
             if isinstance(message, v1.Log):
                 writer.log(message)
                 continue
@@ -486,6 +516,8 @@ class _Run:
         try:
             while True:
                 message = self._recv_writer_control(writer)
+                if not isinstance(message, v1.Result | v1.Bye) or not self.end_sent:
+                    raise writer.error(f"sent `{message.type}` while receiving batches", "protocol")
                 results.put(message)
                 if isinstance(message, v1.Bye):
                     return
@@ -531,9 +563,8 @@ class _Run:
             if isinstance(message, kind):
                 return message
             if required:
-                raise writer.error(
-                    f"sent `{message.type}` instead of `{kind.__name__}`", "protocol"
-                )
+                expected = kind.model_fields["type"].default
+                raise writer.error(f"sent `{message.type}` instead of `{expected}`", "protocol")
 
     def _abort(self, writer: _Session, reason: str) -> None:
         with contextlib.suppress(BaseException):
@@ -545,7 +576,13 @@ class _Run:
         report = self.report
         progress = self.options.progress
         started = time.monotonic()
+        check = reader.channel._check
         while True:
+            # Between frames too: a plugin that never pauses must still meet its deadline,
+            # and a writer failure must stop the relay at once.
+            check()
+            if time.monotonic() > writer.deadline:
+                raise writer.timeout_error()
             try:
                 kind, payload = reader.channel.recv_frame(deadline=reader.deadline, reuse=True)
             except v1.PeerClosed:

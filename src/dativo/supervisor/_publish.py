@@ -111,8 +111,16 @@ def validate_staged(
         for entry in files:
             try:
                 parts = _check_path(entry.get("path"))
-                rows, size = int(entry.get("rows", -1)), int(entry.get("bytes", -1))
-            except (ValueError, TypeError) as exc:
+                rows, size = entry.get("rows"), entry.get("bytes")
+                for key, value in (("rows", rows), ("bytes", size)):
+                    if type(value) is not int or value < 0:
+                        raise ValueError(f"`{key}` of `{entry.get('path')}` is `{value!r}`")
+                partition = entry.get("partition") or {}
+                if not isinstance(partition, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in partition.items()
+                ):
+                    raise ValueError(f"`partition` of `{entry.get('path')}` is not a string map")
+            except (ValueError, TypeError, AttributeError) as exc:
                 raise fail(str(exc)) from None
             path = "/".join(parts)
             if path in seen:
@@ -142,12 +150,11 @@ def validate_staged(
                         raise fail(f"`{path}` holds {actual} rows, reported {rows}")
             finally:
                 os.close(fd)
-            partition = entry.get("partition") or {}
             staged.append(StagedFile(path=path, rows=rows, bytes=size, partition=dict(partition)))
     finally:
         os.close(root_fd)
     total = sum(f.rows for f in staged)
-    if staged and total != rows_sent:
+    if total != rows_sent:
         raise fail(f"staged files hold {total} rows but {rows_sent} rows were sent to it")
     return staged
 
