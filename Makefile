@@ -14,7 +14,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.dativo-venv-stamp
 # Besides `.[dev]`: what integration tests and examples use.
-VENV_EXTRAS := pyiceberg testcontainers boto3 cryptography
+VENV_EXTRAS := pyiceberg testcontainers boto3 cryptography 'psycopg[binary]'
 
 PYTEST := $(PY) -m pytest
 PYTEST_FLAGS ?=
@@ -22,7 +22,7 @@ ifeq ($(CI),true)
 PYTEST_FLAGS += -p no:cacheprovider
 endif
 
-.PHONY: help venv engine images demo test test-unit test-integration test-security \
+.PHONY: help venv engine images services demo test test-unit test-integration test-security \
 	bench lint clean
 
 help: ## List the targets (this text)
@@ -44,11 +44,14 @@ engine: ## Make sure a Docker engine answers (installs/starts dockerd as root)
 images: venv engine ## Build the base and plugin images (only what changed)
 	@$(PY) sandbox/build_images.py
 
+services: images ## Build the Postgres and S3/KMS (moto) test-service images (only what changed)
+	@$(PY) sandbox/build_services.py
+
 demo: images ## Run the quickstart: make example data, then `dativo run` it
 	$(PY) examples/quickstart_data.py
 	$(VENV)/bin/dativo run examples/quickstart.yaml
 
-test: images ## Run the whole test suite (tests/), images first
+test: images services ## Run the whole test suite (tests/), images first
 	$(PYTEST) $(PYTEST_FLAGS) tests/
 
 test-unit: venv ## Run the unit tests (tests/unit; no engine needed)
@@ -57,15 +60,10 @@ test-unit: venv ## Run the unit tests (tests/unit; no engine needed)
 test-integration: images ## Run the integration tests (tests/integration)
 	$(PYTEST) $(PYTEST_FLAGS) tests/integration
 
-test-security: images ## Run the hostile-plugin containment suite (tests/security)
-	@if [ -z "$$(find tests/security -name 'test_*.py' -o -name '*_test.py' 2>/dev/null)" ]; then \
-		echo "test-security: tests/security has no test files yet; nothing to run"; \
-	else \
-		echo "$(PYTEST) $(PYTEST_FLAGS) tests/security"; \
-		$(PYTEST) $(PYTEST_FLAGS) tests/security; \
-	fi
+test-security: images ## Run the hostile-plugin containment suite (tests/security; builds its fixture images)
+	$(PYTEST) $(PYTEST_FLAGS) tests/security
 
-bench: images ## Run every benchmark (bench/*.py but not bench/_*.py), one after the other
+bench: images services ## Run every benchmark (bench/*.py but not bench/_*.py), one after the other
 	@shopt -s nullglob; files=(); \
 	for f in bench/*.py; do [[ $$(basename "$$f") == _* ]] || files+=("$$f"); done; \
 	if [ $${#files[@]} -eq 0 ]; then echo "bench: no bench/*.py yet"; fi; \

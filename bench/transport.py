@@ -209,17 +209,17 @@ run:
 class Pipeline:
     """Writes job files into a scratch directory and runs them with `dativo run`."""
 
-    def __init__(self, workdir: Path, args: argparse.Namespace, frame_bytes: int) -> None:
+    def __init__(self, workdir: Path, args: argparse.Namespace) -> None:
         self.workdir = workdir
         self.args = args
-        self.frame_bytes = frame_bytes  # bytes of one full batch at args.batch_size
+        self.frame_bytes = 0  # bytes of one full batch at args.batch_size, once known
         self.count = 0
 
     def run(self, rows: int, *, batch_size: int | None = None, in_process: bool = False) -> dict:
         self.count += 1
         batch_size = batch_size or self.args.batch_size
         estimate = self.frame_bytes * batch_size // self.args.batch_size
-        max_frame = max(128 * MIB, 2 * estimate)
+        max_frame = max(128 * MIB, 2 * estimate)  # the default 128MiB, unless a frame is bigger
         job = self.workdir / f"job-{self.count}.yaml"
         report_path = self.workdir / f"report-{self.count}.json"
         job.write_text(
@@ -250,18 +250,9 @@ class Pipeline:
             "wall_seconds": child.wall_seconds,
             "gbps": gbps(report["bytes"], stream),
             "rows_per_s": rows / stream if stream else 0.0,
-            "rows_per_s_wall": rows / child.wall_seconds,
             "rss_mb": child.peak_rss_mb,
             "cpu_seconds": child.user_seconds + child.system_seconds,
         }
-
-
-def full_batch_bytes(rows: int, columns: int) -> int:
-    """Size of the Arrow IPC message of one full generated batch (what one frame carries)."""
-    from dativo.connectors.generate import generate_table
-
-    batch = generate_table(rows, columns).combine_chunks().to_batches()[0]
-    return int(batch.serialize().size)
 
 
 # --- main --------------------------------------------------------------------------------------
@@ -289,7 +280,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        return measure_and_report(args)
+    except (RuntimeError, OSError) as exc:
+        print(f"bench transport: failed: {exc}", file=sys.stderr)
+        return 1
+
+
+def measure_and_report(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    load_start = [round(x, 2) for x in os.getloadavg()]
     n = args.repeat
     print("Transport benchmark: reader container -> supervisor -> writer container")
     print(
@@ -300,29 +300,32 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
 
-    # 1. raw Unix-socket bandwidth. Forks first, while this process has no threads.
-    total = int(args.raw_gib * (1 << 30))
-    chunks = [int(float(c) * MIB) for c in args.chunks_mib.split(",") if c.strip()]
-    raw_by_chunk: dict[int, list[float]] = {}
-    for chunk in chunks:
-        progress(f"raw: {args.raw_gib:g} GiB over a Unix socket in {chunk // MIB} MiB sends x{n}")
-        raw_by_chunk[chunk] = [raw_once(total, chunk) for _ in range(n)]
-    best_chunk = max(raw_by_chunk, key=lambda c: max(raw_by_chunk[c]))
-    raw = max(raw_by_chunk[best_chunk])
-
-    progress("measuring the size of one full batch")
-    frame = full_batch_bytes(args.batch_size, args.columns)
-
-    # 2. relay: the pipeline's two socket hops with a pure-Python middle, no Arrow.
-    frames = max(1, total // frame)
-    progress(f"relay: {frames} frames of {frame / 1e6:.1f} MB through a middle process x{n}")
-    relays = [relay_once(frame, frames) for _ in range(n)]
-    relay = max(relays)
-
     with tempfile.TemporaryDirectory(prefix="dativo-bench-") as tmp:
-        pipe = Pipeline(Path(tmp), args, frame)
-        progress("warm-up run (container start, page cache)")
-        pipe.run(args.batch_size)
+        pipe = Pipeline(Path(tmp), args)
+        # First, so a missing image fails the benchmark at once. One full batch: its size is
+        # the frame size of every batch that follows.
+        progress("warm-up run: one batch (container start, page cache, frame size)")
+        warm = pipe.run(args.batch_size)
+        frame = warm["bytes"] // warm["batches"]
+        pipe.frame_bytes = frame
+
+        # 1. raw Unix-socket bandwidth (this process has no threads: forking is safe).
+        total = int(args.raw_gib * (1 << 30))
+        chunks = [int(float(c) * MIB) for c in args.chunks_mib.split(",") if c.strip()]
+        raw_by_chunk: dict[int, list[float]] = {}
+        for chunk in chunks:
+            progress(
+                f"raw: {args.raw_gib:g} GiB over a Unix socket in {chunk / MIB:g} MiB sends x{n}"
+            )
+            raw_by_chunk[chunk] = [raw_once(total, chunk) for _ in range(n)]
+        best_chunk = max(raw_by_chunk, key=lambda c: max(raw_by_chunk[c]))
+        raw = max(raw_by_chunk[best_chunk])
+
+        # 2. relay: the pipeline's two socket hops with a pure-Python middle, no Arrow.
+        frames = max(1, total // frame)
+        progress(f"relay: {frames} frames of {frame / 1e6:.1f} MB through a middle process x{n}")
+        relays = [relay_once(frame, frames) for _ in range(n)]
+        relay = max(relays)
 
         # 3. the pipeline, best of n; its peak RSS is the max over the n runs.
         def measure(i: int, rows: int = args.rows, in_process: bool = False) -> dict:
@@ -384,7 +387,17 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     print()
-    headers = ["dativo run", "rows", "GB/s", "rows/s", "stream s", "run s", "wall s", "RSS MiB"]
+    headers = [
+        "dativo run",
+        "rows",
+        "GB/s",
+        "rows/s",
+        "stream s",
+        "run s",
+        "wall s",
+        "CPU s",
+        "RSS MiB",
+    ]
 
     def row(label: str, r: dict) -> list[Any]:
         return [
@@ -395,11 +408,12 @@ def main(argv: list[str] | None = None) -> int:
             r["stream_seconds"],
             r["run_seconds"],
             r["wall_seconds"],
+            r["cpu_seconds"],
             r["rss_mb"],
         ]
 
     rows = [row(f"containers, run {i + 1}", r) for i, r in enumerate(runs)]
-    rows.append(row("containers, big", big))
+    rows.append(row("containers, RSS run", big))
     rows += [row(f"in-process, run {i + 1}", r) for i, r in enumerate(inproc_runs)]
     print(table(headers, rows))
     print()
@@ -460,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline_rows_per_s": round(best["rows_per_s"]),
         "pipeline_stream_seconds": best["stream_seconds"],
         "pipeline_wall_seconds": round(best["wall_seconds"], 3),
+        "supervisor_cpu_seconds_10m": round(big["cpu_seconds"], 2),
         "big_rows": args.big_rows,
         "repeat_batch": True,
         "sweep": [
@@ -473,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
         "repeat": n,
         "seconds": round(elapsed, 1),
+        "load_avg_start": load_start,
         **machine_info(),
     }
     emit_result("transport", result)

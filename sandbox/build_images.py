@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build Dativo's container images, idempotently, with content-addressed tags.
 
-    .venv/bin/python sandbox/build_images.py [--force] [--only base|python] [-v]
+    .venv/bin/python sandbox/build_images.py [--force] [--only base|python|builtin] [-v]
 
 Images, each tagged with a hash of its *inputs* (not of its bytes), and built
 only when no image has that tag yet:
@@ -16,14 +16,28 @@ only when no image has that tag yet:
   and its pinned dependencies) offline. The hash covers the base image ID,
   the Dockerfile, ``requirements.txt``, ``pyproject.toml`` and every file
   under ``src/``; wheel bytes are not reproducible, so they are not hashed.
-  It is also tagged ``dativo/plugin-python:<project version>``, the tag the
-  supervisor looks for (unless ``DATIVO_PYTHON_IMAGE`` overrides it).
+  It is also tagged ``dativo/plugin-python:<project version>``, the runtime
+  image of ``type: python`` plugins (``DATIVO_PYTHON_IMAGE`` overrides it).
+* ``dativo/builtin-<name>:<hash>``, one per built-in plugin (``files``,
+  ``generate``, ``parquet``, ``null``): ``plugin-images/builtin/Dockerfile`` on
+  the plugin image, its class fixed in the entrypoint and its manifest in the
+  ``org.dativo.manifest`` label. The hash covers the plugin image ID, the
+  Dockerfile and the manifest. Also tagged ``:<project version>``, the tag the
+  supervisor runs ``type: builtin`` plugins from.
 
-A new plugin build removes older ``dativo/plugin-python:<hash>`` images
+Then every built-in image is **signed** (its image ID and manifest, Ed25519)
+with the local builder key ``$DATIVO_HOME/keys/local-builder.key``, generated on
+the first build (outside the checkout, so a private key is never committed),
+whose public key is trusted in ``$DATIVO_HOME/trust/`` for ``dativo/*``: the
+policy is created if absent, and the key added to it idempotently. An image
+that already has a valid signature by that key is not signed again.
+
+A new build removes older ``dativo/plugin-python:<hash>`` (and built-in) images
 (``--keep-old`` keeps them). ``build/images.json`` records the tags and IDs.
-Standard library only; talks to the engine through the ``docker`` CLI. Each
-step's output goes to ``build/logs/<image>.log``, whose tail is printed when a
-step fails (``-v`` shows it as it happens).
+Talks to the engine through the ``docker`` CLI; only the built-in step imports
+``dativo`` (from this checkout, in the venv) for the manifests and signing.
+Each step's output goes to ``build/logs/<image>.log``, whose tail is printed
+when a step fails (``-v`` shows it as it happens).
 """
 
 from __future__ import annotations
@@ -41,7 +55,7 @@ import time
 import tomllib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_RECIPE_DIR = ROOT / "sandbox" / "base"
@@ -57,11 +71,16 @@ IMAGES_JSON = BUILD / "images.json"
 # changes the result (e.g. this script's way of building).
 BASE_RECIPE = "dativo-base/1"
 PLUGIN_RECIPE = "dativo-plugin-python/1"
+BUILTIN_RECIPE = "dativo-builtin/1"
 SUITE = "bookworm"
 HASH_LENGTH = 16
 
 BASE_REPO = "dativo/base"
 PLUGIN_REPO = "dativo/plugin-python"
+BUILTIN_REPO = "dativo/builtin-{name}"
+BUILTIN_DIR = ROOT / "plugin-images" / "builtin"
+BUILDER_KEY = "local-builder"
+BUILDER_PUBLISHER = "dativo-local"
 
 # The base image's interpreter: CPython 3.11 on x86_64 with glibc 2.36
 # (bookworm). Wheels of any older manylinux policy run there too.
@@ -427,6 +446,160 @@ def retag(tag: str, alias: str, wanted_id: str) -> None:
         raise BuildError(f"docker tag {tag} {alias} failed: {proc.stderr.strip()}")
 
 
+# -- built-in plugin images, signed ------------------------------------------
+
+
+def signing_module() -> Any:
+    """dativo.signing from this checkout (the venv has its dependencies)."""
+    src = str(ROOT / "src")
+    if src not in sys.path:
+        sys.path.insert(0, src)
+    import dativo.signing
+
+    return dativo.signing
+
+
+def builtin_hash(plugin_id: str, name: str, implementation: str, label: str) -> str:
+    def parts() -> Iterator[tuple[str, bytes]]:
+        yield "recipe", BUILTIN_RECIPE.encode()
+        yield "plugin-id", plugin_id.encode()
+        yield "Dockerfile", (BUILTIN_DIR / "Dockerfile").read_bytes()
+        yield "name", name.encode()
+        yield "implementation", implementation.encode()
+        yield "manifest", label.encode()
+
+    return short_hash(parts())
+
+
+def ensure_builtin(
+    name: str, plugin_tag: str, plugin_id: str, *, force: bool, verbose: bool, keep_old: bool
+) -> tuple[str, str, str]:
+    signing = signing_module()
+    from dativo.connectors import BUILTINS
+
+    version = project_version()
+    implementation = BUILTINS[name][1]
+    label = signing.builtin_manifest_label(name, version)
+    digest = builtin_hash(plugin_id, name, implementation, label)
+    repo = BUILTIN_REPO.format(name=name)
+    tag, version_tag = f"{repo}:{digest}", f"{repo}:{version}"
+    existing = image_id(tag)
+    if existing and not force:
+        retag(tag, version_tag, existing)
+        print(f"reused {tag} (as {version_tag})", flush=True)
+        return tag, existing, version_tag
+
+    started = time.monotonic()
+    context = BUILD / "context" / f"builtin-{name}"
+    reset_dir(context)
+    template = (BUILTIN_DIR / "Dockerfile").read_text(encoding="utf-8")
+    # json.dumps gives the exec-form string literal, quotes and all.
+    dockerfile = template.replace('"@IMPLEMENTATION@"', json.dumps(implementation))
+    (context / "Dockerfile").write_text(dockerfile, encoding="utf-8")
+    step = Step(f"builtin-{name}", verbose)
+    try:
+        cmd = ["docker", "build", "--rm", "--force-rm", "--network", "none"]
+        if force:
+            cmd.append("--no-cache")
+        cmd += [
+            "--build-arg",
+            f"PLUGIN_IMAGE={plugin_tag}",
+            "--label",
+            f"org.dativo.inputs-hash={digest}",
+            "--label",
+            f"org.dativo.plugin={name}",
+            "--label",
+            f"{signing.LABEL_MANIFEST}={label}",
+            "--tag",
+            tag,
+            str(context),
+        ]
+        step.run(cmd, env=DOCKER_ENV)
+    finally:
+        step.close()
+    new_id = image_id(tag)
+    if not new_id:
+        raise BuildError(f"{tag} is missing right after `docker build`")
+    retag(tag, version_tag, new_id)
+    print(f"built {tag} in {time.monotonic() - started:.1f} s (as {version_tag})", flush=True)
+    if not keep_old:
+        remove_stale(repo, keep=digest)
+    return tag, new_id, version_tag
+
+
+def builder_key() -> Any:
+    """The local builder key, generated on first use and trusted for `dativo/*`."""
+    signing = signing_module()
+    keys = signing.dativo_home() / "keys"
+    key_path = keys / f"{BUILDER_KEY}.key"
+    if not key_path.exists():
+        _, _, public = signing.generate_key(BUILDER_KEY, keys, publisher=BUILDER_PUBLISHER)
+        print(
+            f"generated the local builder key {key_path} (id {public.key_id}); it stays in "
+            "$DATIVO_HOME, outside the checkout, and is never committed",
+            flush=True,
+        )
+    key = signing.load_private_key(key_path)
+    for change in signing.add_trusted_key(
+        key.public, publisher=BUILDER_PUBLISHER, plugins=["dativo/*"]
+    ):
+        print(f"trust: {change}", flush=True)
+    return key
+
+
+def sign_builtin(key: Any, image: str) -> None:
+    """Sign `image` with `key` unless it already has a valid signature by that key."""
+    signing = signing_module()
+    proc = docker("image", "inspect", image)
+    if proc.returncode != 0:
+        raise BuildError(f"cannot inspect {image}: {proc.stderr.strip()}")
+    data = json.loads(proc.stdout)[0]
+    config = data.get("Config") or {}
+    facts = signing.ImageFacts(
+        id=data["Id"],
+        labels=config.get("Labels") or {},
+        entrypoint=tuple(config["Entrypoint"]) if config.get("Entrypoint") else None,
+        cmd=tuple(config["Cmd"]) if config.get("Cmd") else None,
+        repo_digests=tuple(data.get("RepoDigests") or ()),
+    )
+    directory = signing.signatures_dir(signing.dativo_home(), facts.id)
+    target = directory / f"{key.key_id}.sig.json"
+    if target.exists():
+        raw, manifest = signing.image_manifest(facts)
+        found = signing.read_signature_files(directory)
+        mine = [s for s in found if isinstance(s, signing.SignatureFile) and s.key_id == key.key_id]
+        accepted, _ = signing.check_signatures(facts, raw, manifest, mine, signing.load_trust())
+        if accepted is not None:
+            return
+    signature, manifest = signing.sign_image(facts, key)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{key.key_id}.sig.json.tmp"
+    tmp.write_bytes(signature.to_bytes())
+    tmp.replace(target)
+    print(f"signed {image} ({manifest.name} {manifest.version}) with key {key.key_id}", flush=True)
+
+
+def ensure_builtins(
+    plugin_tag: str, plugin_id: str, *, force: bool, verbose: bool, keep_old: bool
+) -> dict[str, dict[str, str]]:
+    from dativo.errors import DativoError
+
+    entries: dict[str, dict[str, str]] = {}
+    try:
+        key = builder_key()
+        from dativo.connectors import BUILTINS
+
+        for name in BUILTINS:
+            tag, new_id, version_tag = ensure_builtin(
+                name, plugin_tag, plugin_id, force=force, verbose=verbose, keep_old=keep_old
+            )
+            sign_builtin(key, version_tag)
+            entries[f"builtin-{name}"] = {"tag": tag, "id": new_id, "version_tag": version_tag}
+    except DativoError as exc:
+        raise BuildError(f"signing the built-in images failed: {exc}") from None
+    return entries
+
+
 # -- main --------------------------------------------------------------------
 
 
@@ -455,8 +628,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only",
-        choices=["base", "python"],
-        help="handle this image only (python still reuses, or builds, the base it needs)",
+        choices=["base", "python", "builtin"],
+        help="handle these images only (each still reuses, or builds, the images it needs)",
     )
     parser.add_argument(
         "--keep-old",
@@ -480,11 +653,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tag, image, version_tag = ensure_plugin(
                     base_tag,
                     base_id,
-                    force=args.force,
+                    force=args.force and args.only != "builtin",
                     verbose=args.verbose,
                     keep_old=args.keep_old,
                 )
                 entries["plugin-python"] = {"tag": tag, "id": image, "version_tag": version_tag}
+            if args.only in (None, "builtin"):
+                entries.update(
+                    ensure_builtins(
+                        tag,
+                        image,
+                        force=args.force,
+                        verbose=args.verbose,
+                        keep_old=args.keep_old,
+                    )
+                )
             write_images_json(entries)
     except BuildError as exc:
         print(f"build_images: error: {exc}", file=sys.stderr)

@@ -89,7 +89,7 @@ BAD_FIELDS: list[tuple[str, str, str, str]] = [
         "unknown-writer-key",
         job(("target.writer.colour", "blue")),
         "target.writer.colour",
-        "allowed keys here: `config`, `isolation`, `name`, `resources`, `type`",
+        "allowed keys here: `config`, `isolation`, `name`, `network`, `resources`, `type`",
     ),
     (
         "unknown-run-key",
@@ -387,7 +387,7 @@ def test_every_problem_is_reported_in_file_order(tmp_path: Path) -> None:
         "  - `source.reader.resources.memory`: got `lots`; expected a size such as `512MiB` or "
         "`2GiB`, from `16MiB` to `64GiB`\n"
         "  - `target.writer.colour`: unknown key; allowed keys here: `config`, `isolation`, "
-        "`name`, `resources`, `type` (the plugin's own settings go under `config`)"
+        "`name`, `network`, `resources`, `type` (the plugin's own settings go under `config`)"
     )
     assert [p.field for p in info.value.problems] == [
         "source.reader.resources.memory",

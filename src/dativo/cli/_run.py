@@ -109,7 +109,9 @@ def _run(args: argparse.Namespace) -> int:
         print(
             f"ok: {job.name}: {report.rows:,} rows, {format_size(report.bytes)} of Arrow, "
             f"{len(report.files)} file(s) in {report.seconds:.1f} s ({rate:,} rows/s); "
-            f"run {report.run_id}" + ("" if report.sandboxed else " [UNSANDBOXED]")
+            f"run {report.run_id}"
+            + ("" if report.sandboxed else " [UNSANDBOXED]")
+            + ("" if report.signed or not report.sandboxed else " [UNSIGNED]")
         )
         for entry in report.files[:10]:
             print(f"  {entry['path']}  {entry['rows']:,} rows  {format_size(entry['bytes'])}")

@@ -27,6 +27,7 @@ from dativo.config._models import (
     StateSpec,
     TargetSpec,
     WriterSpec,
+    parse_destination,
 )
 from dativo.config._units import format_duration, format_size, parse_duration, parse_size
 
@@ -54,6 +55,7 @@ __all__ = [
     "format_size",
     "job_json_schema",
     "load_job",
+    "parse_destination",
     "parse_duration",
     "parse_job",
     "parse_size",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ __all__ = [
     "StateSpec",
     "TargetSpec",
     "WriterSpec",
+    "parse_destination",
 ]
 
 #: Names of the built-in plugins, per role, in the order they are documented.
@@ -351,6 +353,49 @@ class Isolation(_Model):
         return int(self.user.split(":", 1)[1])
 
 
+_HOST_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+_HOSTNAME_RE = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*")
+_DESTINATION_HINT = (
+    "`host:port` such as `db.example.com:5432`, `10.0.0.7:443` or `[2001:db8::1]:443`"
+)
+
+
+def parse_destination(value: object) -> str:
+    """Check a network destination `host:port` and return it normalised (host lower-cased).
+
+    Raises:
+        ValueError: not a destination; the message says what one looks like.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"expected {_DESTINATION_HINT}")
+    host, colon, port = value.strip().rpartition(":")
+    if not colon or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"expected {_DESTINATION_HINT}, with a port from 1 to 65535")
+    host = host.lower()
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            host = f"[{ipaddress.IPv6Address(host[1:-1]).compressed}]"
+        except ValueError:
+            raise ValueError(
+                f"`{host}` is not an IPv6 address; expected {_DESTINATION_HINT}"
+            ) from None
+    elif len(host) > 253 or not _HOSTNAME_RE.fullmatch(host):
+        raise ValueError(
+            f"`{host[:80]}` is not a host name or address; expected {_DESTINATION_HINT}"
+        )
+    return f"{host}:{int(port)}"
+
+
+def _check_destination(value: object) -> object:
+    try:
+        return parse_destination(value)
+    except ValueError as exc:
+        raise Problem(str(exc)) from None
+
+
+_Destination = Annotated[str, BeforeValidator(_check_destination)]
+
+
 class _PluginBase(_Model):
     config: dict[str, Any] = Field(
         default_factory=dict,
@@ -364,6 +409,15 @@ class _PluginBase(_Model):
     )
     isolation: Isolation = Field(
         default_factory=Isolation, description="Isolation settings of the plugin container."
+    )
+    network: tuple[_Destination, ...] = Field(
+        default=(),
+        description=(
+            "Network destinations (`host:port`) the plugin is granted; default none. Each must "
+            "be declared in the plugin's signed manifest, or the run is refused before any "
+            "container starts."
+        ),
+        examples=[["db.example.com:5432"]],
     )
 
     @property
@@ -564,6 +618,34 @@ class RunSpec(_Model):
             "How long a plugin may take to connect and say hello, 1s to 10m. A duration such "
             "as `30s`."
         ),
+    )
+    idle_timeout: Annotated[float, _Bounded("duration", 1, 7 * 86400)] = Field(
+        default=300.0,
+        json_schema_extra={"default": "5m"},
+        description=(
+            "Longest time the reader may send nothing at all (no batch, log or checkpoint) "
+            "while the supervisor waits for it, 1s to 7d; a reader that hangs fails the run "
+            "then, long before its wall-clock limit. Time spent blocked because the writer is "
+            "slow does not count. A duration such as `5m`."
+        ),
+        examples=["30s", "1h"],
+    )
+    max_rows: Annotated[int, _Bounded("int", 1, 10**15, "rows")] | None = Field(
+        default=None,
+        description=(
+            "Most rows the reader may send in one run; one more fails the run and publishes "
+            "nothing. Default: no limit (the wall-clock limits still apply)."
+        ),
+        examples=[100_000_000],
+    )
+    max_bytes: Annotated[int, _Bounded("size", 1, 2**50)] | None = Field(
+        default=None,
+        description=(
+            "Most Arrow IPC bytes the reader may send in one run (record batch frames as "
+            "received); more fails the run and publishes nothing. Default: no limit. A size "
+            "such as `50GiB`."
+        ),
+        examples=["50GiB"],
     )
 
 

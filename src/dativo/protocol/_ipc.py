@@ -29,12 +29,20 @@ _HEADER_NAMES = {
 METADATA_V4 = 3
 METADATA_V5 = 4
 
+#: Most fields a schema may declare, counting nested ones. pyarrow holds several hundred bytes
+#: per field (a 56 MB record batch frame of one million columns costs it about 500 MB), so the
+#: frame limit alone would let a plugin make the supervisor allocate ten times what it sends.
+MAX_FIELDS = 10_000
+#: Deepest nesting of types a schema may declare (list<list<...>>, struct<struct<...>>).
+MAX_NESTING = 64
+
 _U8 = struct.Struct("<B")
 _I16 = struct.Struct("<h")
 _U16 = struct.Struct("<H")
 _I32 = struct.Struct("<i")
 _U32 = struct.Struct("<I")
 _I64 = struct.Struct("<q")
+_BUFFER = struct.Struct("<qq")  # Buffer {offset: long, length: long}
 
 
 class IpcFormatError(ValueError):
@@ -49,6 +57,8 @@ class MessageInfo:
     metadata_length: int
     body_length: int
     rows: int  # RecordBatch.length; 0 for a schema
+    nodes: int = 0  # RecordBatch.nodes: one per field, nested fields included
+    fields: int = 0  # Schema: fields declared, nested fields included
 
     @property
     def header_name(self) -> str:
@@ -101,15 +111,30 @@ class _Table:
         return _Table(self._buf, at + _U32.unpack_from(self._buf, at)[0], self._end)
 
     def vector_len(self, index: int) -> int:
+        return self.vector(index, 0)[1]
+
+    def vector(self, index: int, item_size: int) -> tuple[int, int]:
+        """(position of the first item, item count); every item lies inside the metadata."""
         off = self._field(index)
         if off == 0:
-            return 0
+            return 0, 0
         at = self._pos + off
         _check(at, 4, self._end, "offset")
         vec = at + _U32.unpack_from(self._buf, at)[0]
         _check(vec, 4, self._end, "vector")
         n: int = _U32.unpack_from(self._buf, vec)[0]
-        return n
+        _check(vec + 4, n * item_size, self._end, "vector")
+        return vec + 4, n
+
+    def tables(self, index: int) -> list[_Table]:
+        """The tables of a vector of tables."""
+        start, n = self.vector(index, 4)
+        return [
+            _Table(
+                self._buf, start + 4 * i + _U32.unpack_from(self._buf, start + 4 * i)[0], self._end
+            )
+            for i in range(n)
+        ]
 
 
 def _check(pos: int, size: int, end: int, what: str) -> None:
@@ -159,7 +184,7 @@ def inspect_message(frame: memoryview, *, max_rows: int) -> MessageInfo:
     if header is None:
         raise IpcFormatError("IPC message has no header")
 
-    rows = 0
+    rows = nodes = fields = 0
     if header_type == HEADER_RECORD_BATCH:
         rows = header.scalar(0, _I64)
         if rows < 0 or rows > max_rows:
@@ -169,12 +194,20 @@ def inspect_message(frame: memoryview, *, max_rows: int) -> MessageInfo:
                 "record batch uses IPC body compression, which protocol v1 forbids "
                 "(a compressed buffer can declare any uncompressed size)"
             )
-        # Each buffer entry is a 16-byte struct; their count is bounded by the metadata size.
-        if header.vector_len(2) * 16 > meta_len:
-            raise IpcFormatError("record batch declares more buffers than its metadata holds")
+        # FieldNode and Buffer are 16-byte structs, so their counts are bounded by the metadata.
+        nodes = header.vector(1, 16)[1]
+        start, count = header.vector(2, 16)
+        for i in range(count):
+            offset, length = _BUFFER.unpack_from(meta, start + 16 * i)
+            if offset < 0 or length < 0 or offset + length > body_length:
+                raise IpcFormatError(
+                    f"record batch buffer {i} (offset {offset}, length {length}) lies outside "
+                    f"its body of {body_length} bytes"
+                )
     elif header_type == HEADER_SCHEMA:
         if body_length != 0:
             raise IpcFormatError("schema message carries a body")
+        fields = _count_fields(header)
     elif header_type == HEADER_DICTIONARY_BATCH:
         raise IpcFormatError(
             "dictionary batches are not allowed in protocol v1; decode dictionary columns"
@@ -184,5 +217,37 @@ def inspect_message(frame: memoryview, *, max_rows: int) -> MessageInfo:
             f"IPC message type {_HEADER_NAMES.get(header_type, header_type)} is not allowed"
         )
     return MessageInfo(
-        header_type=header_type, metadata_length=meta_len, body_length=body_length, rows=rows
+        header_type=header_type,
+        metadata_length=meta_len,
+        body_length=body_length,
+        rows=rows,
+        nodes=nodes,
+        fields=fields,
     )
+
+
+def _count_fields(schema: _Table) -> int:
+    """Count the schema's fields at every depth, refusing too many or too deep.
+
+    Offsets may point at one child table from several places (a DAG, which pyarrow would
+    expand); counting what is queued before queueing it keeps this bounded by MAX_FIELDS.
+    """
+    total = 0
+    stack: list[tuple[_Table, int]] = []
+
+    def queue(table: _Table, slot: int, depth: int) -> None:
+        count = table.vector(slot, 4)[1]
+        if count == 0:
+            return
+        if total + len(stack) + count > MAX_FIELDS:
+            raise IpcFormatError(f"schema declares more than {MAX_FIELDS} fields (nested included)")
+        if depth > MAX_NESTING:
+            raise IpcFormatError(f"schema nests types more than {MAX_NESTING} levels deep")
+        stack.extend((child, depth) for child in table.tables(slot))
+
+    queue(schema, 1, 1)  # Schema.fields
+    while stack:
+        field, depth = stack.pop()
+        total += 1
+        queue(field, 5, depth + 1)  # Field.children
+    return total

@@ -53,6 +53,10 @@ HEADER = struct.Struct("<B3xI")
 KIND_CONTROL = 1
 KIND_ARROW = 2
 MAX_CONTROL_BYTES = 1 << 20
+#: A reusable receive buffer starts at this size and at most doubles as a frame's bytes arrive.
+_FIRST_CHUNK = 1 << 20
+#: Deepest nesting of arrays and objects in a control message (the message itself is level 1).
+MAX_JSON_DEPTH = 64
 
 
 class _Message(BaseModel):
@@ -170,17 +174,42 @@ def decode_control(payload: bytes | memoryview) -> ControlMessage:
     """
     try:
         data = json.loads(bytes(payload))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"control frame is not UTF-8 JSON ({exc})") from None
+    except RecursionError:
+        raise ProtocolError("control frame nests JSON arrays or objects too deeply") from None
+    except ValueError as exc:
+        # Also a number of more than 4,300 digits, which `int()` refuses (CVE-2020-10735).
+        raise ProtocolError(f"control frame is not UTF-8 JSON ({str(exc)[:200]})") from None
+    if _too_deep(data, MAX_JSON_DEPTH):
+        # Deeper values could not be sent back (a saved state goes into the next `init`).
+        raise ProtocolError(f"control message nests more than {MAX_JSON_DEPTH} levels deep")
     try:
         return _CONTROL.validate_python(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "message"
         kind = data.get("type") if isinstance(data, dict) else None
+        # The peer chose `type` and the keys: quote them short and escaped.
+        problem = _quote(first["msg"], 300)
         raise ProtocolError(
-            f"invalid control message (type `{kind}`): `{where}`: {first['msg']}"
+            f"invalid control message (type `{_quote(kind)}`): `{_quote(where)}`: {problem}"
         ) from None
+
+
+def _too_deep(value: object, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _quote(value: object, limit: int = 80) -> str:
+    text = repr(value)[1:-1] if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class PeerClosed(ProtocolError):
@@ -218,9 +247,13 @@ class Channel:
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
 
-    def _recv_into(self, view: memoryview, deadline: float | None) -> None:
+    def _recv_into(
+        self, view: memoryview, deadline: float | None, done: int = 0, total: int | None = None
+    ) -> None:
+        """Fill `view`; `done` of `total` bytes of the frame part came before it (messages)."""
         got = 0
         need = len(view)
+        total = need if total is None else total
         while got < need:
             try:
                 n = self.sock.recv_into(view[got:], need - got)
@@ -228,12 +261,12 @@ class Channel:
                 self._tick(deadline)
                 continue
             except (ConnectionResetError, BrokenPipeError) as exc:
-                raise PeerClosed(f"connection reset after {got} of {need} bytes") from exc
+                raise PeerClosed(f"connection reset after {done + got} of {total} bytes") from exc
             if n == 0:
                 raise PeerClosed(
                     "connection closed"
-                    if got == 0
-                    else f"connection closed inside a frame after {got} of {need} bytes"
+                    if done + got == 0
+                    else f"connection closed inside a frame after {done + got} of {total} bytes"
                 )
             got += n
 
@@ -271,14 +304,32 @@ class Channel:
         else:
             raise ProtocolError(f"unknown frame kind {kind}")
         if reuse:
-            if len(self._buf) < length:
-                self._buf = bytearray(length)
-            view = memoryview(self._buf)[:length]
+            view = self._recv_growing(length, deadline)
         else:
             view = memoryview(bytearray(length))
-        self._recv_into(view, deadline)
+            self._recv_into(view, deadline)
         self.bytes_in += HEADER.size + length
         return kind, view
+
+    def _recv_growing(self, length: int, deadline: float | None) -> memoryview:
+        """Receive a payload into the reusable buffer, enlarging it only as bytes arrive.
+
+        The header's length is the peer's word: a frame that declares 2 GiB and sends 1 KB
+        costs about 1 MiB here, not 2 GiB. A buffer is never resized in place (the previous
+        payload may still be referenced); a bigger one replaces it, at most doubling each time.
+        """
+        buf = self._buf
+        got = 0
+        while got < length:
+            if len(buf) <= got:
+                bigger = bytearray(min(length, max(2 * len(buf), _FIRST_CHUNK)))
+                bigger[:got] = memoryview(buf)[:got]
+                buf = bigger
+            end = min(length, len(buf))
+            self._recv_into(memoryview(buf)[got:end], deadline, got, length)
+            got = end
+        self._buf = buf
+        return memoryview(buf)[:length]
 
     def recv_control(self, *, deadline: float | None = None) -> ControlMessage:
         """Read one frame that must be a control message."""

@@ -40,6 +40,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _PROBE_LIMITS = {"memory": 96 << 20, "cpus": 0.5, "pids": 48}
+_PROBE_CACHE_ENTRIES = 32
 
 
 def _cache_dir() -> Path:
@@ -61,20 +62,34 @@ class Engine:
     def start(self, spec: ContainerSpec) -> Container:
         return _docker.start(self._client, spec)
 
+    def save_image(self, image_id: str, dest: Path) -> None:
+        """Write the image `image_id` as a `docker save` archive."""
+        _docker.save_image(self._client, image_id, dest)
+
+    def load_image(self, archive: Path) -> list[str]:
+        """Load a `docker save` archive; return the loaded image IDs."""
+        return _docker.load_image(self._client, archive)
+
+    def tag_image(self, image_id: str, reference: str) -> None:
+        _docker.tag_image(self._client, image_id, reference)
+
     def verify_limits(self, image_id: str, *, user: str, runtime: str = "runc") -> dict[str, Any]:
         """Prove, once per engine and image, that every limit is enforced; raise if not.
 
         The result is cached by engine, image and probe version, so a run pays for the probe
-        container only the first time.
+        container only the first time. The cache keeps the latest entries of several images (each
+        built-in plugin has its own), so a run's reader and writer do not evict each other.
         """
         key = f"{PROBE_VERSION}|{_docker.engine_id(self._client)}|{image_id}|{user}|{runtime}"
         cache = _cache_dir() / "engine-probe.json"
         try:
-            cached = json.loads(cache.read_text())
-        except (OSError, ValueError):
-            cached = {}
-        if cached.get("key") == key:
-            return dict(cached["facts"])
+            entries = json.loads(cache.read_text()).get("entries")
+        except (OSError, ValueError, AttributeError):
+            entries = None
+        if not isinstance(entries, dict):
+            entries = {}
+        if isinstance(entries.get(key), dict):
+            return dict(entries[key])
         uid = int(user.split(":")[0])
         spec = ContainerSpec(
             name=f"dativo-probe-{os.getpid()}-{int(time.time() * 1000) % 100000}",
@@ -95,8 +110,11 @@ class Engine:
             pids=_PROBE_LIMITS["pids"],
             uid=uid,
         )
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "facts": facts}))
+        entries.pop(key, None)
+        entries[key] = facts
+        kept = dict(list(entries.items())[-_PROBE_CACHE_ENTRIES:])
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"entries": kept}))
         tmp.replace(cache)
         return facts
 

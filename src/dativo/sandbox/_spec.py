@@ -50,3 +50,6 @@ class ImageInfo:
     id: str
     tags: tuple[str, ...]
     labels: dict[str, str]
+    entrypoint: tuple[str, ...] | None = None
+    cmd: tuple[str, ...] | None = None
+    repo_digests: tuple[str, ...] = ()

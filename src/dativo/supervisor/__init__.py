@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import re
 import secrets
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +28,7 @@ from dativo.errors import DativoError, InternalError, PluginError, ProtocolError
 from dativo.protocol import IpcFormatError, inspect_message, v1
 from dativo.sandbox import Engine, ExitInfo, RunDirectory, runtime_base
 from dativo.sandbox._rundir import is_run_alive
+from dativo.signing import VerifiedPlugin, record_seen
 from dativo.state import StateStore
 from dativo.supervisor import _publish
 from dativo.supervisor._plugins import (
@@ -34,6 +37,7 @@ from dativo.supervisor._plugins import (
     resolve,
     start_container,
     start_thread,
+    verify_launch,
 )
 
 __all__ = ["Progress", "RunOptions", "RunReport", "run_job"]
@@ -91,6 +95,7 @@ class RunReport:
     writer_metadata: dict[str, Any] = field(default_factory=dict)
     error: dict[str, Any] | None = None
     sandboxed: bool = True
+    signed: bool = False
     reaped_containers: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -99,6 +104,7 @@ class RunReport:
             "job": self.job,
             "status": self.status,
             "sandboxed": self.sandboxed,
+            "signed": self.signed,
             "rows": self.rows,
             "bytes": self.bytes,
             "batches": self.batches,
@@ -142,6 +148,10 @@ class _Session:
         self._tokens = float(_LOG_BURST)
         self._last = time.monotonic()
         self.dropped_logs = 0
+        # The kernel's limit counters, sampled while the container lives (its cgroup goes
+        # with it), so a breach is known even when the plugin exits right after.
+        self.counters: dict[str, int] = {}
+        self._sampled = 0.0
 
     @property
     def name(self) -> str:
@@ -154,7 +164,7 @@ class _Session:
 
     def error(self, message: str, rule: str, hint: str | None = None) -> PluginError:
         return PluginError(
-            message,
+            _printable(message),
             plugin=self.name,
             role=self.launch.role,  # type: ignore[arg-type]
             rule=rule,
@@ -163,11 +173,40 @@ class _Session:
         )
 
     def timeout_error(self) -> PluginError:
-        limit = self.launch.spec.resources.timeout
+        breach = self.breach()
+        if breach is not None:
+            return breach
+        limit, cpus = self.launch.spec.resources.timeout, self.launch.spec.resources.cpus
+        resources = f"{self.launch.field_path}.resources"
+        elapsed = time.monotonic() - (self.deadline - limit)
+        used = self.counters.get("cpu_usage_usec", 0) / 1e6 / max(elapsed, 1e-3)
+        if used >= 0.8 * cpus:
+            throttled, periods = (
+                self.counters.get("nr_throttled", 0),
+                self.counters.get("nr_periods"),
+            )
+            return self.error(
+                f"ran longer than its wall-clock limit of {limit:g} s, CPU-bound: it used "
+                f"{used:.2f} CPU of its quota of {cpus:g} (throttled in {throttled} of {periods} "
+                "scheduling periods)",
+                "timeout",
+                f"raise `{resources}.timeout`, or `{resources}.cpus`, if the work is "
+                "legitimately long",
+            )
         return self.error(
             f"ran longer than its wall-clock limit of {limit:g} s",
             "timeout",
-            f"raise `{self.launch.field_path}.resources.timeout` if the work is legitimately long",
+            f"raise `{resources}.timeout` if the work is legitimately long",
+        )
+
+    def idle_error(self, idle: float) -> PluginError:
+        breach = self.breach()
+        if breach is not None:
+            return breach
+        return self.error(
+            f"sent nothing for {idle:g} s (the idle limit); it looks hung",
+            "timeout",
+            "raise `run.idle_timeout` if the source is legitimately slow to produce data",
         )
 
     def log(self, message: v1.Log) -> None:
@@ -175,36 +214,125 @@ class _Session:
         self._tokens = min(_LOG_BURST, self._tokens + (now - self._last) * _LOG_PER_SECOND)
         self._last = now
         if self._tokens < 1:
+            if self.dropped_logs == 0:
+                log.warning(
+                    "%s plugin `%s` logs faster than %g messages/s; dropping the excess",
+                    self.launch.role,
+                    self.name,
+                    _LOG_PER_SECOND,
+                )
             self.dropped_logs += 1
             return
         self._tokens -= 1
         level = getattr(logging, message.level.upper(), logging.INFO)
-        plugin_log.log(level, "[%s] %s", self.launch.role, message.message[:2000])
+        text = _printable(message.message[:2000])
+        plugin_log.log(level, "[%s] %s", self.launch.role, text)
 
-    def diagnose(self, what: str) -> PluginError:
-        """Explain why the plugin stopped talking: OOM, a crash, a kill."""
-        info: ExitInfo | None = self.process.wait(5.0)
+    def report_dropped_logs(self) -> None:
+        if self.dropped_logs:
+            log.warning(
+                "%s plugin `%s`: dropped %d log messages over the rate limit (burst %d, then %g/s)",
+                self.launch.role,
+                self.name,
+                self.dropped_logs,
+                _LOG_BURST,
+                _LOG_PER_SECOND,
+            )
+
+    def watching(self, check: Callable[[], None]) -> Callable[[], None]:
+        """`check`, also sampling the container's limit counters about once a second."""
+
+        def watch() -> None:
+            self.sample()
+            check()
+
+        return watch
+
+    def sample(self, *, now: bool = False) -> None:
+        """Read the container's cgroup counters and keep the highest value of each."""
+        container = getattr(self.process, "container", None)
+        if container is None or (not now and time.monotonic() - self._sampled < 1.0):
+            return
+        self._sampled = time.monotonic()
+        for key, value in container.cgroup_counters().items():
+            self.counters[key] = max(value, self.counters.get(key, 0))
+
+    def breach(self) -> PluginError | None:
+        """The memory or process limit the plugin ran into, if any, as the error to report.
+
+        Any process of the container counts: a child can be OOM-killed, or forks refused,
+        while the plugin's main process carries on as if nothing happened.
+        """
+        self.sample(now=True)
         resources = self.launch.spec.resources
         field_path = self.launch.field_path
-        if info is not None and info.oom_killed:
+        info = self.process.exit_info()
+        container = getattr(self.process, "container", None)
+        if (
+            (info is not None and info.oom_killed)
+            or self.counters.get("oom_kill", 0) > 0
+            or (container is not None and container.oom_events() > 0)
+        ):
             return self.error(
                 f"memory limit {format_size(resources.memory)} exceeded (OOM killed)",
                 "memory",
                 f"raise `{field_path}.resources.memory` (now {format_size(resources.memory)})",
             )
+        refused = self.counters.get("pids_max", 0)
+        if refused:
+            return self.error(
+                f"process limit {resources.pids} reached ({refused} process or thread creations "
+                "refused)",
+                "pids",
+                f"raise `{field_path}.resources.pids` (now {resources.pids})",
+            )
+        return None
+
+    def diagnose(self, what: str) -> PluginError:
+        """Explain why the plugin stopped talking: OOM, a crash, a kill."""
+        info: ExitInfo | None = self.process.wait(5.0)
+        breach = self.breach()
+        if breach is not None:
+            return breach
         if info is None:
             return self.error(f"{what}, and the plugin is still running", "protocol")
-        if info.status == 137:
-            return self.error(f"{what}: the plugin was killed (SIGKILL, exit 137)", "crash")
+        if info.status > 128 and info.status - 128 in _SIGNALS:
+            name = _SIGNALS[info.status - 128]
+            return self.error(
+                f"{what}: the plugin was killed ({name}, exit {info.status})", "crash"
+            )
         return self.error(f"{what}: the plugin exited with status {info.status}", "crash")
 
     def from_error_message(self, message: v1.Error) -> PluginError:
+        breach = self.breach()
+        if breach is not None:
+            breach.message += f"; then the plugin reported: {_printable(message.message[:500])}"
+            return breach
         hint = f"fix `{self.launch.field_path}.config`" if message.category == "config" else None
         error = self.error(message.message, message.category, hint)
         error.transient = message.transient
         if message.detail:
-            log.debug("%s plugin traceback:\n%s", self.launch.role, message.detail)
+            log.debug(
+                "%s plugin traceback:\n%s",
+                self.launch.role,
+                _printable(message.detail, keep_newlines=True),
+            )
         return error
+
+
+_SIGNALS = {int(s): s.name for s in signal.Signals}
+# C0 and C1 controls (newline included: one message is one line) and the Unicode marks that
+# reorder text; a plugin could otherwise move the cursor, recolour or forge lines on a terminal.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_UNPRINTABLE_KEEP_LINES = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]"
+)
+
+
+def _printable(text: str, *, keep_newlines: bool = False) -> str:
+    """`text` with every control character escaped (`\\x1b`), safe to print to a terminal."""
+    pattern = _UNPRINTABLE_KEEP_LINES if keep_newlines else _UNPRINTABLE
+    return pattern.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def run_job(job: JobConfig, options: RunOptions | None = None) -> RunReport:
@@ -260,6 +388,7 @@ class _Run:
         self.end_sent = False
         self.failure: DativoError | None = None
         self.failed = threading.Event()
+        self.verified: dict[str, VerifiedPlugin] = {}
 
     def _save_state(self, state: dict[str, Any], run_id: str) -> None:
         self.store.save(self.job.name, state, run_id)
@@ -296,12 +425,14 @@ class _Run:
             writer = resolve(job, "writer", staging)
             images: dict[str, str] = {}
             if engine is not None:
+                # Both images are verified before any container (even the probe) starts, and
+                # from here on each is named by its verified ID only, never by a tag.
+                reader = self._verify(engine, reader)
+                writer = self._verify(engine, writer)
                 for launch in (reader, writer):
-                    assert launch.image is not None
-                    info = engine.image(launch.image)
-                    images[launch.role] = info.id
+                    images[launch.role] = self.verified[launch.role].image_id
                     engine.verify_limits(
-                        info.id,
+                        images[launch.role],
                         user=launch.spec.isolation.user,
                         runtime=launch.spec.isolation.runtime,
                     )
@@ -326,6 +457,7 @@ class _Run:
             reader_session = self._handshake(*sessions["reader"])
             writer_session = self._handshake(*sessions["writer"])
             self._relay(reader_session, writer_session, staging)
+            self._record_versions()
         except BaseException:
             for process in self.processes:
                 process.stop()
@@ -337,8 +469,43 @@ class _Run:
                 channel.close()
             for process in self.processes:
                 process.stop()
-                self.report.plugins[process.launch.role] = process.describe()
+                role = process.launch.role
+                self.report.plugins[role] = {
+                    **self.report.plugins.get(role, {}),
+                    **process.describe(),
+                }
             rundir.close()
+
+    def _verify(self, engine: Engine, launch: Launch) -> Launch:
+        """Verify the plugin's image against the trust policy; raise before anything starts."""
+        assert launch.image is not None
+        launch, verified = verify_launch(launch, engine.image(launch.image))
+        self.verified[launch.role] = verified
+        self.report.plugins[launch.role] = {"plugin": launch.name, **verified.report()}
+        self.report.signed = all(v.signed for v in self.verified.values())
+        if not verified.signed:
+            log.warning(
+                "!! UNSIGNED: %s plugin `%s` (image %s) has no valid signature and runs only "
+                "because `allow_unsigned_local` is on in the trust policy",
+                launch.role,
+                launch.name,
+                verified.image_id[:19],
+            )
+        return launch
+
+    def _record_versions(self) -> None:
+        """Remember the version of each signed plugin just run (rollback protection)."""
+        for verified in self.verified.values():
+            if verified.signed and verified.manifest is not None:
+                try:
+                    record_seen(verified.manifest.name, verified.manifest.version)
+                except (OSError, DativoError):
+                    log.warning(
+                        "could not record %s %s as seen; rollback protection does not know it",
+                        verified.manifest.name,
+                        verified.manifest.version,
+                        exc_info=True,
+                    )
 
     def _handshake(
         self, launch: Launch, process: PluginProcess, listener: Any, started: float
@@ -370,7 +537,9 @@ class _Run:
             hello = session.channel.recv_control(deadline=deadline)
         except TimeoutError:
             raise session.error(
-                f"connected but sent no hello within {timeout:g} s", "handshake"
+                f"connected but sent no hello within {timeout:g} s",
+                "handshake",
+                "raise `run.handshake_timeout`, or check that the plugin speaks protocol v1",
             ) from None
         except v1.PeerClosed:
             raise session.diagnose("closed the connection before saying hello") from None
@@ -438,8 +607,8 @@ class _Run:
         return check
 
     def _relay(self, reader: _Session, writer: _Session, staging: Path | None) -> None:
-        reader.channel._check = self._check(reader)
-        writer.channel._check = self._check(writer)
+        reader.channel._check = reader.watching(self._check(reader))
+        writer.channel._check = writer.watching(self._check(writer))
         results: queue.Queue[v1.ControlMessage | DativoError] = queue.Queue()
         listener = threading.Thread(
             target=self._listen_writer, args=(writer, results), name="dativo-writer", daemon=True
@@ -457,10 +626,15 @@ class _Run:
             except v1.PeerClosed:
                 raise self._writer_gone(writer) from None
             result = self._await(results, writer, v1.Result)
+            breach = writer.breach()  # still running: its counters are readable
+            if breach is not None:
+                raise breach
         except _Cancelled:
+            _report_dropped_logs(reader, writer)
             assert self.failure is not None
             raise self.failure from None
         except BaseException as exc:
+            _report_dropped_logs(reader, writer)
             self._abort(writer, str(exc))
             raise
         # Both plugins are done: let them close, and wait for them to exit.
@@ -472,6 +646,13 @@ class _Run:
             if session.process.wait(_SHUTDOWN_GRACE) is None:
                 log.warning("%s did not exit after shutdown; killing it", session.name)
             session.channel.close()
+        _report_dropped_logs(reader, writer)
+        # A process of either plugin may have been OOM-killed while its main process carried
+        # on; the engine knows once the container has exited. Nothing is published then.
+        for session in (reader, writer):
+            breach = session.breach()
+            if breach is not None:
+                raise breach
         assert isinstance(result, v1.Result)
         self.report.writer_metadata = dict(result.metadata)
         if staging is not None and self.job.target_dir is not None:
@@ -577,18 +758,26 @@ class _Run:
         progress = self.options.progress
         started = time.monotonic()
         check = reader.channel._check
+        limits = self.job.run
+        nodes = 0  # field nodes of the declared schema, nested fields included
         while True:
             # Between frames too: a plugin that never pauses must still meet its deadline,
             # and a writer failure must stop the relay at once.
             check()
             if time.monotonic() > writer.deadline:
                 raise writer.timeout_error()
+            # The idle clock starts only now: time blocked on a slow writer does not count.
+            idle_deadline = time.monotonic() + limits.idle_timeout
             try:
-                kind, payload = reader.channel.recv_frame(deadline=reader.deadline, reuse=True)
+                kind, payload = reader.channel.recv_frame(
+                    deadline=min(reader.deadline, idle_deadline), reuse=True
+                )
             except v1.PeerClosed:
                 raise reader.diagnose("closed the connection before `end`") from None
             except TimeoutError:
-                raise reader.timeout_error() from None
+                if time.monotonic() > reader.deadline:
+                    raise reader.timeout_error() from None
+                raise reader.idle_error(limits.idle_timeout) from None
             except ProtocolError as exc:
                 raise reader.error(f"broke the protocol: {exc}", "protocol") from None
             if kind == v1.KIND_CONTROL:
@@ -605,6 +794,29 @@ class _Run:
                 elif isinstance(message, v1.End):
                     if schema is None:
                         raise reader.error("sent `end` before its schema", "protocol")
+                    breach = reader.breach()  # still running: its counters are readable
+                    if breach is not None:
+                        raise breach
+                    try:
+                        # The state is saved and handed back in the next run's `init`: refuse
+                        # now what could not be sent then, rather than break every later run.
+                        v1.encode_control(
+                            v1.Init(
+                                protocol=v1.PROTOCOL_VERSION,
+                                run_id=self.run_id,
+                                config=dict(reader.launch.spec.config),
+                                state=message.state,
+                                batch_size=limits.batch_size,
+                                max_frame_bytes=limits.max_frame_bytes,
+                            )
+                        )
+                    except (ProtocolError, ValueError) as exc:
+                        raise reader.error(
+                            f"sent a final state that could not be given back to it in the next "
+                            f"run's `init`: {str(exc)[:200]}",
+                            "protocol",
+                            "keep the reader's state small (a cursor, not data)",
+                        ) from None
                     report.stream_seconds = time.monotonic() - started
                     return message
                 else:
@@ -619,20 +831,42 @@ class _Run:
                 if info.header_type != 1:
                     raise reader.error("sent a record batch before its schema", "protocol")
                 schema = self._check_schema(reader, buffer)
+                nodes = sum(_field_nodes(column.type) for column in schema)
                 self._forward(writer, payload)
                 continue
             if info.header_type != 3:
                 raise reader.error("sent a second schema in the same stream", "schema")
+            if info.nodes != nodes:
+                # pyarrow would silently ignore extra columns; fewer would fail less clearly.
+                raise reader.error(
+                    f"sent a record batch with {info.nodes} field nodes where its declared "
+                    f"schema has {nodes}: columns added, dropped or nested differently",
+                    "schema",
+                )
             try:
                 batch = pa.ipc.read_record_batch(pa.ipc.read_message(buffer), schema)
                 batch.validate(full=True)
-            except (pa.ArrowException, ValueError) as exc:
+            except Exception as exc:  # pyarrow raises ValueError, OSError, TypeError...
                 raise reader.error(
-                    f"sent a record batch that does not match its declared schema: {exc}",
+                    "sent a record batch that does not match its declared schema: "
+                    + _column_problem(str(exc), schema),
                     "schema",
                 ) from None
             rows = batch.num_rows
             del batch, buffer  # release the reusable receive buffer before the next frame
+            if limits.max_rows is not None and report.rows + rows > limits.max_rows:
+                raise reader.error(
+                    f"sent more than the {limits.max_rows:,} rows `run.max_rows` allows",
+                    "limit",
+                    "raise `run.max_rows` if the source really holds more",
+                )
+            if limits.max_bytes is not None and report.bytes + len(payload) > limits.max_bytes:
+                raise reader.error(
+                    f"sent more than the {format_size(limits.max_bytes)} of record batches "
+                    "`run.max_bytes` allows",
+                    "limit",
+                    "raise `run.max_bytes` if the source really holds more",
+                )
             self._forward(writer, payload)
             report.rows += rows
             report.bytes += len(payload)
@@ -659,7 +893,7 @@ class _Run:
     def _check_schema(reader: _Session, buffer: pa.Buffer) -> pa.Schema:
         try:
             schema = pa.ipc.read_schema(buffer)
-        except (pa.ArrowException, ValueError) as exc:
+        except Exception as exc:  # pyarrow raises ValueError, OSError, TypeError...
             raise reader.error(f"sent an unreadable schema: {exc}", "schema") from None
         for column in schema:
             if _has_dictionary(column.type):
@@ -679,10 +913,35 @@ def _has_dictionary(arrow_type: pa.DataType) -> bool:
     return any(_has_dictionary(arrow_type.field(i).type) for i in range(arrow_type.num_fields))
 
 
+def _field_nodes(arrow_type: pa.DataType) -> int:
+    """IPC field nodes of a column of this type: one, plus those of its children."""
+    if isinstance(arrow_type, pa.BaseExtensionType):
+        arrow_type = arrow_type.storage_type
+    return 1 + sum(_field_nodes(arrow_type.field(i).type) for i in range(arrow_type.num_fields))
+
+
+_IN_COLUMN = re.compile(r"In column (\d+): (.*)", re.DOTALL)
+
+
+def _column_problem(problem: str, schema: pa.Schema) -> str:
+    """pyarrow's `In column 1: ...` with the column's name and declared type instead."""
+    match = _IN_COLUMN.match(problem)
+    if match is None or int(match[1]) >= len(schema):
+        return problem
+    column = schema.field(int(match[1]))
+    return f"column `{column.name}` (declared {column.type}): {match[2]}"
+
+
+def _report_dropped_logs(*sessions: _Session) -> None:
+    for session in sessions:
+        session.report_dropped_logs()
+
+
 def describe_error(exc: DativoError) -> str:
     """The diagnosis the CLI prints, with the plugin's last log lines where useful."""
     text = str(exc)
     if isinstance(exc, PluginError) and exc.logs and exc.rule in ("crash", "memory", "handshake"):
-        tail = "\n".join(exc.logs.strip().splitlines()[-15:])
+        # The plugin wrote these lines: escape control characters and cut long lines.
+        tail = "\n".join(_printable(line)[:300] for line in exc.logs.strip().splitlines()[-15:])
         text += "\n  last log lines:\n    " + tail.replace("\n", "\n    ")
     return text

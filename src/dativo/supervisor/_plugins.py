@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -25,21 +26,31 @@ from dativo.sandbox import (
     ContainerSpec,
     Engine,
     ExitInfo,
+    ImageInfo,
     Mount,
 )
+from dativo.signing import Grants, VerifiedPlugin, verify_plugin
 
 log = logging.getLogger(__name__)
 
 IMAGE_ENV = "DATIVO_PYTHON_IMAGE"
+BUILTIN_IMAGE_ENV = "DATIVO_BUILTIN_IMAGE"
 INPUT_MOUNT = "/data/in"
 OUTPUT_MOUNT = "/data/out"
 PLUGIN_MOUNT = "/plugin"
 SOCKET_MOUNT = "/run/dativo"
 
 
-def builtin_image() -> str:
-    """The image that runs the built-in and `type: python` plugins."""
+def python_image() -> str:
+    """The runtime image `type: python` plugins are mounted into."""
     return os.environ.get(IMAGE_ENV) or f"dativo/plugin-python:{__version__}"
+
+
+def builtin_image(name: str) -> str:
+    """The signed image of the built-in plugin `name` (`DATIVO_BUILTIN_IMAGE` is a template
+    with `{name}` and `{version}`, for tests)."""
+    template = os.environ.get(BUILTIN_IMAGE_ENV) or "dativo/builtin-{name}:{version}"
+    return template.format(name=name, version=__version__)
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,7 @@ class Launch:
     python_path: Path | None
     input_dir: Path | None = None
     output_dir: Path | None = None
+    command: tuple[str, ...] = ()  # the container's command (after the image's entrypoint)
 
     @property
     def name(self) -> str:
@@ -74,10 +86,12 @@ def resolve(job: JobConfig, role: str, staging: Path | None) -> Launch:
         raise ConfigError(
             f"`source.files`: directory `{input_dir}` does not exist", field="source.files"
         )
+    impl: str | None
     if isinstance(spec, BuiltinPlugin):
-        image, impl, path = builtin_image(), builtin_implementation(spec.name), None
+        # The built-in's own image names its class in its (signed) entrypoint.
+        image, impl, path = builtin_image(spec.name), builtin_implementation(spec.name), None
     elif isinstance(spec, PythonPlugin):
-        image, impl, path = builtin_image(), spec.implementation, job.python_plugin_dir(spec)
+        image, impl, path = python_image(), spec.implementation, job.python_plugin_dir(spec)
         if path is not None and not path.is_dir():
             raise ConfigError(
                 f"`{field_path}.path`: directory `{path}` does not exist", field=field_path
@@ -95,7 +109,55 @@ def resolve(job: JobConfig, role: str, staging: Path | None) -> Launch:
         python_path=path,
         input_dir=input_dir,
         output_dir=output_dir,
+        command=() if isinstance(spec, BuiltinPlugin) or impl is None else (impl,),
     )
+
+
+def verify_launch(launch: Launch, image: ImageInfo) -> tuple[Launch, VerifiedPlugin]:
+    """Verify the plugin's image (signature, trust policy, manifest, grants); fail closed.
+
+    Returns the launch to run (resources completed from the manifest's defaults, no command
+    that would change a signed entrypoint) and the verification.
+
+    Raises:
+        SignatureError: the image may not run.
+        ConfigError: the trust store or policy is malformed, or the job grants more than the
+            signed manifest declares.
+    """
+    spec = launch.spec
+    resources = spec.resources
+    grants = Grants(
+        network=tuple(spec.network),
+        resources={
+            name: getattr(resources, name) for name in ("cpus", "memory", "pids", "timeout")
+        },
+        explicit=frozenset(resources.model_fields_set),
+        field_path=launch.field_path,
+    )
+    verified = verify_plugin(
+        image,
+        role=launch.role,  # type: ignore[arg-type]
+        grants=grants,
+        reference=launch.image,
+        plugin=launch.name,
+        expected_name=f"dativo/{spec.name}" if isinstance(spec, BuiltinPlugin) else None,
+        local_code=isinstance(spec, PythonPlugin),
+    )
+    command = launch.command
+    if verified.signed and command:
+        assert verified.manifest is not None
+        if verified.manifest.entrypoint[-len(command) :] != command:
+            raise ConfigError(
+                f"`{launch.field_path}.implementation`: the signed manifest of "
+                f"`{verified.manifest.name}` fixes what the image runs "
+                f"(`{list(verified.manifest.entrypoint)}`); remove `implementation`",
+                field=f"{launch.field_path}.implementation",
+            )
+        command = ()  # the signed entrypoint names it already
+    updated = {k: v for k, v in verified.resources.items() if getattr(resources, k) != v}
+    if updated:
+        spec = spec.model_copy(update={"resources": resources.model_copy(update=updated)})
+    return dataclasses.replace(launch, spec=spec, command=command), verified
 
 
 class PluginProcess(Protocol):
@@ -185,7 +247,7 @@ def start_container(
     spec = ContainerSpec(
         name=f"dativo-{run_id}-{launch.role}",
         image=image_id,
-        command=(launch.implementation,) if launch.implementation else (),
+        command=launch.command,
         environment=env,
         mounts=tuple(mounts),
         labels={LABEL_RUN_ID: run_id, LABEL_RUN_DIR: str(run_dir), LABEL_ROLE: launch.role},
