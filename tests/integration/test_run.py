@@ -38,19 +38,20 @@ def no_leftovers(client: Any) -> Any:
     """Every test must leave no container, run directory or staging directory behind."""
     yield
     leftover = own_containers(client)
-    assert leftover == [], f"containers left behind: {[c.name for c in leftover]}"
+    assert leftover == [], f"containers left behind: {leftover}"
     base = runtime_base()
     assert list(base.iterdir()) == [], f"run directories left in {base}"
 
 
-def own_containers(client: Any, **filters: str) -> list[Any]:
-    """Containers of this test session's supervisors (not of others sharing the engine)."""
+def own_containers(client: Any, **filters: str) -> list[str]:
+    """Names of this test session's supervisors' containers (not of others on the engine)."""
     base = str(runtime_base())
-    return [
-        c
-        for c in client.containers.list(all=True, filters={**MANAGED, **filters})
-        if c.labels.get(LABEL_RUN_DIR, "").startswith(base + "/")
-    ]
+    found = client.api.containers(all=True, filters={**MANAGED, **filters})
+    return sorted(
+        c["Names"][0].lstrip("/")
+        for c in found
+        if (c.get("Labels") or {}).get(LABEL_RUN_DIR, "").startswith(base + "/")
+    )
 
 
 def fixture_plugin(name: str, config: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
@@ -249,9 +250,9 @@ def test_killed_supervisor_leaves_containers_that_next_run_reaps(
     finally:
         os.kill(supervisor.pid, signal.SIGKILL)
         supervisor.wait()
-    names = sorted(c.name for c in running)
+    names = running
     time.sleep(0.5)
-    still = sorted(c.name for c in own_containers(client))
+    still = own_containers(client)
     assert still == names  # SIGKILL gives no chance to clean up...
 
     quick = job(
@@ -260,7 +261,9 @@ def test_killed_supervisor_leaves_containers_that_next_run_reaps(
         {"type": "builtin", "name": "null"},
     )
     report = run_job(quick)  # ...so the next run reaps them.
-    assert sorted(report.reaped_containers) == names
+    # Any supervisor on the engine may reap a dead run; ours must at least leave none behind.
+    assert set(report.reaped_containers) <= set(names)
+    assert own_containers(client) == []
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])

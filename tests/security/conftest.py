@@ -4,6 +4,7 @@ runtime and work directories, and the session-wide checks (peak memory, nothing 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import shutil
@@ -31,8 +32,24 @@ def in_ci() -> bool:
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident memory so far: the supervisor runs inside it."""
+    """This process's peak resident memory since the suite began (the supervisor runs in it).
+
+    The kernel's high-water mark (VmHWM) is reset when the suite starts, so tests that ran
+    before it in the same pytest session do not count; without /proc, the process's peak.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak_rss() -> None:
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # resets VmHWM to the current RSS
 
 
 @pytest.fixture(scope="package")
@@ -86,10 +103,12 @@ def session_dir() -> Iterator[Path]:
     runtime.mkdir(mode=0o700)
     saved = {key: os.environ.get(key) for key in ("DATIVO_RUNTIME_DIR", "DATIVO_HOME")}
     os.environ["DATIVO_RUNTIME_DIR"] = str(runtime)
+    _reset_peak_rss()
     _SESSION["rss_start"] = peak_rss_mib()
     try:
         yield base
     finally:
+        _SESSION["rss_peak"] = peak_rss_mib()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -168,12 +187,13 @@ def _trust_fixtures(home: Path, tags: dict[str, str]) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if "rss_start" not in _SESSION:
+    if "rss_peak" not in _SESSION:
         return
     terminalreporter.write_sep("-", "dativo security suite")
+    peak, start = _SESSION["rss_peak"], _SESSION["rss_start"]
     terminalreporter.write_line(
-        f"supervisor (this pytest process) peak RSS: {peak_rss_mib():.0f} MiB "
-        f"(at the start of the suite: {_SESSION['rss_start']:.0f} MiB)"
+        f"supervisor (this pytest process) peak RSS during the suite: {peak:.0f} MiB "
+        f"(at its start: {start:.0f} MiB)"
     )
     if _SESSION.get("tmp_new"):
         terminalreporter.write_line(

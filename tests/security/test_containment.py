@@ -6,6 +6,7 @@ expected having published nothing and left the state, the host and the engine as
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import docker
 import pytest
 
 from tests.security._attack import attack, expect, image_plugin
@@ -45,7 +47,9 @@ class HostWatch:
             subprocess.run(["true"], check=True)
             self.latencies.append(time.monotonic() - began)
             if self.container is not None:
-                counters = self.container.cgroup_counters()
+                counters: dict[str, int] = {}
+                with contextlib.suppress(docker.errors.DockerException):  # being removed
+                    counters = self.container.cgroup_counters()
                 if counters:
                     self.samples.append((time.monotonic(), counters))
             self._stop.wait(0.25)

@@ -117,4 +117,25 @@ def _run(args: argparse.Namespace) -> int:
             print(f"  {entry['path']}  {entry['rows']:,} rows  {format_size(entry['bytes'])}")
         if len(report.files) > 10:
             print(f"  ... and {len(report.files) - 10} more")
+        commit = report.commit or {}
+        if commit.get("format") == "iceberg":
+            done = (
+                f"committed as snapshot {commit.get('snapshot_id')}"
+                if commit.get("committed")
+                else "nothing to commit"
+            )
+            print(
+                f"  iceberg: table {commit.get('table')} ({commit.get('mode')}): {done} "
+                f"in {report.commit_seconds or 0:.3f} s"
+            )
+        elif commit.get("location"):
+            print(f"  uploaded {commit.get('objects', 0)} object(s) to {commit['location']}")
+        for role, plugin in data["plugins"].items():
+            for destination, stats in (plugin.get("network") or {}).items():
+                failed = stats["failed_connects"] + stats["refused_over_limit"]
+                print(
+                    f"  network: {role} -> {destination}: {stats['connections']} connection(s), "
+                    f"{format_size(stats['bytes_in'])} in, {format_size(stats['bytes_out'])} out"
+                    + (f", {failed} failed" if failed else "")
+                )
     return 0

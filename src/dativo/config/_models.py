@@ -18,6 +18,7 @@ from pydantic import (
     GetJsonSchemaHandler,
     PrivateAttr,
     field_validator,
+    model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
@@ -39,9 +40,12 @@ __all__ = [
     "BuiltinPlugin",
     "BuiltinReader",
     "BuiltinWriter",
+    "CatalogSpec",
+    "IcebergSpec",
     "ImagePlugin",
     "Isolation",
     "JobConfig",
+    "PartitionField",
     "PluginSpec",
     "Problem",
     "PythonPlugin",
@@ -574,18 +578,351 @@ class SourceSpec(_Model):
     reader: ReaderSpec = Field(description=f"The reader plugin. {_PLUGIN_DESCRIPTION}")
 
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_BAD_DOLLAR = re.compile(r"\$(?!\{[A-Za-z_][A-Za-z0-9_]*\})")
+_ICEBERG_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,127}"
+_ICEBERG_NAME_RE = re.compile(_ICEBERG_NAME)
+_NAMESPACE_RE = re.compile(rf"{_ICEBERG_NAME}(?:\.{_ICEBERG_NAME})*")
+_TRANSFORM_RE = re.compile(r"(identity|year|month|day|hour)|(bucket|truncate)\[([1-9][0-9]{0,8})\]")
+_S3_URL_RE = re.compile(r"s3a?://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/[^\x00]*)?")
+_SECRET_PROPERTY_WORDS = ("password", "secret", "token", "credential", "key")
+
+
+def _check_env_refs(value: str) -> None:
+    if _BAD_DOLLAR.search(value):
+        raise Problem(
+            "a `$` must start an environment variable reference `${NAME}` (letters, digits "
+            "and `_`)",
+            show_input=False,
+        )
+
+
+def _plain_secret_in_uri(uri: str) -> bool:
+    """True when the URI's user-info holds a password that is not a `${VAR}` reference."""
+    _, sep, rest = uri.partition("://")
+    if not sep:
+        return False
+    authority = rest.split("/", 1)[0]
+    userinfo, at, _ = authority.rpartition("@")
+    if not at or ":" not in userinfo:
+        return False
+    password = userinfo.split(":", 1)[1]
+    return bool(password) and _ENV_REF.fullmatch(password) is None
+
+
+def _check_s3_url(value: str) -> str:
+    match = _S3_URL_RE.fullmatch(value)
+    if match is None:
+        raise Problem(
+            "expected `s3://bucket/prefix` (a bucket name of 3 to 63 lowercase letters, digits, "
+            "`.` or `-`)"
+        )
+    prefix = (match[2] or "").strip("/")
+    if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
+        raise Problem("the S3 prefix cannot hold empty, `.` or `..` parts")
+    return f"s3://{match[1]}" + (f"/{prefix}" if prefix else "")
+
+
+def _check_location(value: object) -> object:
+    """A local path, or an `s3://bucket/prefix` URL (normalised: no trailing `/`)."""
+    if isinstance(value, str) and value.lower().startswith(("s3://", "s3a://")):
+        return _check_s3_url(value)
+    checked = _check_path(value)
+    return str(checked) if isinstance(checked, Path) else checked
+
+
+_Location = Annotated[str, BeforeValidator(_check_location)]
+
+
+class PartitionField(_Model):
+    """One field of an Iceberg partition spec."""
+
+    column: str = Field(
+        description="Source column of the partition field (a top-level column of the data).",
+        examples=["order_date"],
+    )
+    transform: str = Field(
+        default="identity",
+        description=(
+            "Iceberg partition transform: `identity`, `year`, `month`, `day`, `hour`, "
+            "`bucket[N]` or `truncate[N]` (N from 1 to 999,999,999)."
+        ),
+        examples=["day", "bucket[16]"],
+        json_schema_extra={"pattern": rf"^(?:{_TRANSFORM_RE.pattern})$"},
+    )
+
+    @field_validator("column", mode="before")
+    @classmethod
+    def _check_column(cls, value: object) -> object:
+        if not isinstance(value, str) or not value.strip():
+            raise Problem("expected the name of a column, such as `order_date`")
+        return value
+
+    @field_validator("transform", mode="before")
+    @classmethod
+    def _check_transform(cls, value: object) -> object:
+        if isinstance(value, str) and _TRANSFORM_RE.fullmatch(value.strip().lower()):
+            return value.strip().lower()
+        raise Problem(
+            "expected an Iceberg transform: `identity`, `year`, `month`, `day`, `hour`, "
+            "`bucket[N]` or `truncate[N]`, such as `bucket[16]`"
+        )
+
+
+class CatalogSpec(_Model):
+    """The Iceberg catalog the supervisor commits to."""
+
+    type: Literal["sql", "rest"] = Field(
+        default="sql",
+        description=(
+            "`sql`: a SQL catalog (SQLite by default, or PostgreSQL for production); `rest`: "
+            "an Iceberg REST catalog."
+        ),
+    )
+    uri: str | None = Field(
+        default=None,
+        description=(
+            "Where the catalog is. `sql`: an SQLAlchemy URL; default "
+            "`sqlite:///<job dir>/.dativo/catalog.db`; PostgreSQL: "
+            "`postgresql+psycopg://user:${PGPASSWORD}@host:5432/db`. `rest`: the catalog's "
+            "`http(s)://` URL (required). A password is never written in plain text: use a "
+            "`${ENV_VAR}` reference, expanded by the supervisor when it commits."
+        ),
+        examples=["postgresql+psycopg://dativo:${PGPASSWORD}@db:5432/lake"],
+    )
+    name: str = Field(
+        default="dativo",
+        description="Name of the catalog (an SQL catalog keeps it in every row it writes).",
+        json_schema_extra={"pattern": rf"^{_ICEBERG_NAME}$"},
+    )
+    properties: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "More catalog properties handed to pyiceberg (such as `warehouse` for a REST "
+            "catalog). A property whose name suggests a secret (`token`, `credential`, "
+            "`password`, `secret`, `key`) must be a `${ENV_VAR}` reference."
+        ),
+        examples=[{"token": "${ICEBERG_TOKEN}"}],
+    )
+
+    @field_validator("uri", mode="before")
+    @classmethod
+    def _check_uri(cls, value: object) -> object:
+        if value is None:
+            return value
+        if not isinstance(value, str) or not value.strip():
+            raise Problem("expected a URL such as `sqlite:///catalog.db`", show_input=False)
+        _check_env_refs(value)
+        if _plain_secret_in_uri(value):
+            raise Problem(
+                "the URL holds a password in plain text; put it in an environment variable "
+                "and write `${NAME}` in its place, such as `postgresql+psycopg://user:"
+                "${PGPASSWORD}@host/db`",
+                show_input=False,
+            )
+        return value
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _check_catalog_name(cls, value: object) -> object:
+        if isinstance(value, str) and _ICEBERG_NAME_RE.fullmatch(value):
+            return value
+        raise Problem("expected 1 to 128 letters, digits or `_`, not starting with a digit")
+
+    @field_validator("properties", mode="before")
+    @classmethod
+    def _check_properties(cls, value: object) -> object:
+        if not isinstance(value, dict):
+            return value  # pydantic reports the type
+        for key, item in value.items():
+            if not isinstance(key, str) or not isinstance(item, str):
+                raise Problem("expected a mapping of string names to string values")
+            _check_env_refs(item)
+            folded = key.lower().replace("-", "_").replace(".", "_")
+            secret = any(word in folded for word in _SECRET_PROPERTY_WORDS)
+            if secret and _ENV_REF.fullmatch(item) is None:
+                raise Problem(
+                    f"`{key}` looks like a secret: write `${{ENV_VAR}}` and set the variable "
+                    "for the supervisor instead of writing the value in the job file",
+                    show_input=False,
+                )
+        return value
+
+
+class IcebergSpec(_Model):
+    """How the supervisor commits the staged files to an Iceberg table."""
+
+    catalog: CatalogSpec = Field(
+        default_factory=CatalogSpec,
+        description="The catalog: SQL (SQLite by default, PostgreSQL) or REST.",
+    )
+    warehouse: _Location | None = Field(
+        default=None,
+        description=(
+            "Where new tables keep their data and metadata: a local directory (default "
+            "`<job dir>/warehouse`, relative to the job file's directory) or "
+            "`s3://bucket/prefix`. S3 credentials come from the usual AWS sources (environment, "
+            "profile, instance role), never from the job file."
+        ),
+        examples=["./warehouse", "s3://lake/warehouse"],
+    )
+    namespace: str = Field(
+        default="default",
+        description="Namespace of the table; dots separate levels (`sales.eu`).",
+        json_schema_extra={"pattern": rf"^{_NAMESPACE_RE.pattern}$"},
+    )
+    table: str | None = Field(
+        default=None,
+        description=(
+            "Name of the table, created on the first run from the data's schema. Default: the "
+            "job's name with `-` turned into `_`."
+        ),
+        examples=["orders"],
+        json_schema_extra={"pattern": rf"^{_ICEBERG_NAME}$"},
+    )
+    mode: Literal["append", "overwrite", "upsert"] = Field(
+        default="append",
+        description=(
+            "`append` adds the run's rows; `overwrite` replaces the whole table with them; "
+            "`upsert` updates the rows whose `key` matches and inserts the others."
+        ),
+    )
+    key: tuple[str, ...] = Field(
+        default=(),
+        description="Columns that identify a row; required with `mode: upsert`, unused otherwise.",
+        examples=[["order_id"]],
+    )
+    partition_by: tuple[PartitionField, ...] = Field(
+        default=(),
+        description=(
+            "Partition spec of a new table: a list of `{column, transform}`. An existing "
+            "table must already be partitioned this way."
+        ),
+        examples=[[{"column": "order_date", "transform": "day"}]],
+    )
+
+    @field_validator("namespace", mode="before")
+    @classmethod
+    def _check_namespace(cls, value: object) -> object:
+        if isinstance(value, str) and _NAMESPACE_RE.fullmatch(value):
+            return value
+        raise Problem(
+            "expected one or more names of letters, digits and `_`, separated by dots, such "
+            "as `sales` or `sales.eu`"
+        )
+
+    @field_validator("table", mode="before")
+    @classmethod
+    def _check_table(cls, value: object) -> object:
+        if value is None or (isinstance(value, str) and _ICEBERG_NAME_RE.fullmatch(value)):
+            return value
+        raise Problem(
+            "expected 1 to 128 letters, digits or `_`, not starting with a digit, such as `orders`"
+        )
+
+    @field_validator("key", mode="before")
+    @classmethod
+    def _check_key(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list | tuple):
+            if not all(isinstance(v, str) and v.strip() for v in value):
+                raise Problem("expected a list of column names, such as `[order_id]`")
+            if len(set(value)) != len(value):
+                raise Problem("names a column twice; list each key column once")
+        return value
+
+    @field_validator("partition_by")
+    @classmethod
+    def _check_partition_by(cls, value: tuple[PartitionField, ...]) -> tuple[PartitionField, ...]:
+        seen = set()
+        for item in value:
+            if (item.column, item.transform) in seen:
+                raise Problem(
+                    f"partitions by `{item.transform}` of `{item.column}` twice", show_input=False
+                )
+            seen.add((item.column, item.transform))
+        return value
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> IcebergSpec:
+        if self.mode == "upsert" and not self.key:
+            raise Problem(
+                "`mode: upsert` needs `key`: the columns that identify a row, such as "
+                "`key: [order_id]`",
+                show_input=False,
+            )
+        if self.key and self.mode != "upsert":
+            raise Problem(
+                f"`key` is used by `mode: upsert` only; remove it, or set `mode: upsert` (the "
+                f"mode is `{self.mode}`)",
+                show_input=False,
+            )
+        if self.catalog.type == "rest" and not self.catalog.uri:
+            raise Problem(
+                "a `rest` catalog needs `catalog.uri`, such as `https://catalog.example.com`",
+                show_input=False,
+            )
+        return self
+
+
 class TargetSpec(_Model):
     """Where data goes."""
 
-    path: _HostPath | None = Field(
+    format: Literal["parquet", "iceberg"] = Field(
+        default="parquet",
+        description=(
+            "`parquet`: the staged files are published as they are into `target.path`; "
+            "`iceberg`: the supervisor commits them to the table described by "
+            "`target.iceberg`."
+        ),
+    )
+    path: _Location | None = Field(
         default=None,
         description=(
-            "Local directory where the supervisor publishes the files the writer staged, once "
-            "the run succeeds. Relative to the job file's directory."
+            "With `format: parquet`: where the supervisor publishes the files the writer "
+            "staged, once the run succeeds: a local directory (relative to the job file's "
+            "directory) or `s3://bucket/prefix` (uploaded by the supervisor; credentials from "
+            "the usual AWS sources)."
         ),
-        examples=["./warehouse/orders"],
+        examples=["./warehouse/orders", "s3://lake/orders"],
+    )
+    iceberg: IcebergSpec | None = Field(
+        default=None,
+        description="With `format: iceberg`: the catalog, warehouse, table, mode and partitions.",
     )
     writer: WriterSpec = Field(description=f"The writer plugin. {_PLUGIN_DESCRIPTION}")
+
+    @model_validator(mode="after")
+    def _check_format(self) -> TargetSpec:
+        if self.format == "iceberg":
+            if self.iceberg is None:
+                raise Problem(
+                    "`format: iceberg` needs an `iceberg` block, such as `iceberg: {table: "
+                    "orders}`",
+                    show_input=False,
+                )
+            if self.path is not None:
+                raise Problem(
+                    "`path` is for `format: parquet`; an Iceberg table keeps its files where "
+                    "`iceberg.warehouse` says",
+                    show_input=False,
+                )
+            writer = self.writer
+            if (
+                isinstance(writer, BuiltinPlugin)
+                and writer.name == "parquet"
+                and writer.config.get("partition_by")
+            ):
+                raise Problem(
+                    "with `format: iceberg` the writer must not partition "
+                    "(`writer.config.partition_by`): Iceberg tables are partitioned by "
+                    "`iceberg.partition_by`",
+                    show_input=False,
+                )
+        elif self.iceberg is not None:
+            raise Problem("an `iceberg` block needs `format: iceberg`", show_input=False)
+        return self
 
 
 class StateSpec(_Model):
@@ -721,8 +1058,60 @@ class JobConfig(_Model):
 
     @property
     def target_dir(self) -> Path | None:
-        """Absolute host directory the writer's files are published into, if any."""
-        return None if self.target.path is None else self._resolve(self.target.path)
+        """Absolute host directory the writer's files are published into, if any (a local
+        `format: parquet` target; None for S3 and Iceberg targets)."""
+        path = self.target.path
+        if path is None or self.target_url is not None:
+            return None
+        return self._resolve(Path(path))
+
+    @property
+    def target_url(self) -> str | None:
+        """The `s3://bucket/prefix` a `format: parquet` target publishes to, if it is on S3."""
+        path = self.target.path
+        return path if path is not None and path.startswith("s3://") else None
+
+    @property
+    def staging_base(self) -> Path | None:
+        """Local directory whose `.dativo-staging/` holds the writer's staging directories and
+        the publish journals; None when the writer gets no staging directory.
+
+        A local Parquet target stages inside itself (a rename publishes a file); S3 and
+        Iceberg targets stage in `<job dir>/.dativo/staging/<job name>`.
+        """
+        if self.target_dir is not None:
+            return self.target_dir
+        if self.target_url is not None or self.target.format == "iceberg":
+            return self._resolve(Path(".dativo") / "staging" / self.name)
+        return None
+
+    @property
+    def iceberg_warehouse(self) -> str:
+        """The Iceberg warehouse: `s3://...`, or the absolute local directory."""
+        spec = self.target.iceberg
+        location = spec.warehouse if spec is not None else None
+        if location is not None and location.startswith("s3://"):
+            return location
+        return str(self._resolve(Path(location or "warehouse")))
+
+    @property
+    def iceberg_catalog_uri(self) -> str | None:
+        """The catalog URI as written (`${VAR}` references unexpanded); the SQLite default
+        for an `sql` catalog that names none."""
+        spec = self.target.iceberg
+        if spec is None:
+            return None
+        if spec.catalog.uri is None and spec.catalog.type == "sql":
+            return f"sqlite:///{self._resolve(Path('.dativo') / 'catalog.db')}"
+        return spec.catalog.uri
+
+    @property
+    def iceberg_table(self) -> tuple[str, str] | None:
+        """(namespace, table) of an Iceberg target."""
+        spec = self.target.iceberg
+        if spec is None:
+            return None
+        return spec.namespace, spec.table or self.name.replace("-", "_")
 
     @property
     def state_path(self) -> Path:

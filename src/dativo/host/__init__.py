@@ -13,15 +13,18 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from dativo.host._network import LoopbackRelay, destinations_from_env
 from dativo.protocol import v1
 from dativo.sdk import (
     DataReader,
     DataWriter,
+    NetworkDestination,
     PluginConfigError,
     PluginContext,
     SourceError,
@@ -110,6 +113,7 @@ def serve(
     input_dir: Path | None = None,
     output_dir: Path | None = None,
     logger: logging.Logger | None = None,
+    network: Mapping[str, NetworkDestination] | None = None,
 ) -> int:
     """Run one plugin session on a connected channel; return the process exit status."""
     role = "reader" if issubclass(cls, DataReader) else "writer"
@@ -143,6 +147,7 @@ def serve(
         output_dir=output_dir,
         log=log,
         checkpoint=checkpoint,
+        network=dict(network or {}),
     )
     plugin = cls()
     closed: list[bool] = []
@@ -282,12 +287,17 @@ def main(argv: list[str] | None = None) -> int:
     logger.propagate = False
     input_dir = os.environ.get(INPUT_DIR_ENV)
     output_dir = os.environ.get(OUTPUT_DIR_ENV)
+    network = destinations_from_env(os.environ)
+    relay = LoopbackRelay(network, logger) if network else None
     status = serve(
         channel,
         cls,
         input_dir=Path(input_dir) if input_dir else None,
         output_dir=Path(output_dir) if output_dir else None,
         logger=logger,
+        network=network,
     )
+    if relay is not None:
+        relay.close()
     channel.close()
     return status

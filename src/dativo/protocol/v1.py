@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import socket
 import struct
 import threading
@@ -20,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
+import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from dativo.errors import ProtocolError
@@ -54,7 +56,6 @@ KIND_CONTROL = 1
 KIND_ARROW = 2
 MAX_CONTROL_BYTES = 1 << 20
 #: A reusable receive buffer starts at this size and at most doubles as a frame's bytes arrive.
-_FIRST_CHUNK = 1 << 20
 #: Deepest nesting of arrays and objects in a control message (the message itself is level 1).
 MAX_JSON_DEPTH = 64
 
@@ -236,7 +237,7 @@ class Channel:
         self._check = check or (lambda: None)
         self._poll = poll
         self._header = bytearray(HEADER.size)
-        self._buf = bytearray(0)
+        self._slots: dict[int, mmap.mmap] = {}
         self.bytes_in = 0
         self.bytes_out = 0
         self._send_lock = threading.Lock()
@@ -246,6 +247,10 @@ class Channel:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+        for buffer in self._slots.values():
+            with contextlib.suppress(BufferError):  # a view still lives; the GC frees it later
+                buffer.close()
+        self._slots.clear()
 
     def _recv_into(
         self, view: memoryview, deadline: float | None, done: int = 0, total: int | None = None
@@ -276,12 +281,13 @@ class Channel:
             raise TimeoutError
 
     def recv_frame(
-        self, *, deadline: float | None = None, reuse: bool = False
+        self, *, deadline: float | None = None, reuse: bool = False, slot: int = 0
     ) -> tuple[int, memoryview]:
         """Read one frame; return its kind and payload.
 
-        With `reuse`, the payload lives in a buffer that the next call overwrites (the relay
-        uses this and forwards the bytes before reading again); otherwise it is fresh memory.
+        With `reuse`, the payload lives in reusable buffer number `slot`, which the next call
+        with the same slot overwrites (the relay forwards the bytes before reusing a slot);
+        otherwise it is fresh memory.
 
         Raises:
             ProtocolError: bad header, oversized frame. PeerClosed: EOF.
@@ -304,32 +310,29 @@ class Channel:
         else:
             raise ProtocolError(f"unknown frame kind {kind}")
         if reuse:
-            view = self._recv_growing(length, deadline)
+            view = self._slot(slot)[:length]
+        elif kind == KIND_ARROW:
+            # Uninitialised Arrow memory: no zero-filling of a buffer about to be overwritten.
+            view = memoryview(pa.allocate_buffer(length))
         else:
             view = memoryview(bytearray(length))
-            self._recv_into(view, deadline)
+        self._recv_into(view, deadline)
         self.bytes_in += HEADER.size + length
         return kind, view
 
-    def _recv_growing(self, length: int, deadline: float | None) -> memoryview:
-        """Receive a payload into the reusable buffer, enlarging it only as bytes arrive.
+    def _slot(self, slot: int) -> memoryview:
+        """A reusable receive buffer as large as the largest frame allowed.
 
-        The header's length is the peer's word: a frame that declares 2 GiB and sends 1 KB
-        costs about 1 MiB here, not 2 GiB. A buffer is never resized in place (the previous
-        payload may still be referenced); a bigger one replaces it, at most doubling each time.
+        It is anonymous memory reserved, not committed: the kernel backs a page only when bytes
+        land in it, so a frame that declares 2 GiB and sends 1 KB costs one page, and the
+        resident size is that of the largest frame actually received.
         """
-        buf = self._buf
-        got = 0
-        while got < length:
-            if len(buf) <= got:
-                bigger = bytearray(min(length, max(2 * len(buf), _FIRST_CHUNK)))
-                bigger[:got] = memoryview(buf)[:got]
-                buf = bigger
-            end = min(length, len(buf))
-            self._recv_into(memoryview(buf)[got:end], deadline, got, length)
-            got = end
-        self._buf = buf
-        return memoryview(buf)[:length]
+        buffer = self._slots.get(slot)
+        if buffer is None:
+            size = max(self.max_frame_bytes, MAX_CONTROL_BYTES)
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+            buffer = self._slots[slot] = mmap.mmap(-1, size, flags=flags)
+        return memoryview(buffer)
 
     def recv_control(self, *, deadline: float | None = None) -> ControlMessage:
         """Read one frame that must be a control message."""

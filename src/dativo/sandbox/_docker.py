@@ -352,6 +352,8 @@ def start(client: docker.DockerClient, spec: ContainerSpec) -> Container:
     }
     if spec.entrypoint is not None:
         kwargs["entrypoint"] = list(spec.entrypoint)
+    if spec.extra_hosts:
+        kwargs["extra_hosts"] = dict(spec.extra_hosts)
     try:
         created = client.containers.create(**kwargs)
     except docker.errors.ImageNotFound:

@@ -87,7 +87,8 @@ def check_probe(output: str, *, memory: int, cpus: float, pids: int, uid: int) -
             )
     if v2:
         quota, _, period = (facts.get("v2_cpu") or "").partition(" ")
-        got_cpus = _int(quota) / _int(period) if _int(quota) and _int(period) else None
+        q2, p2 = _int(quota), _int(period)
+        got_cpus = q2 / p2 if q2 and p2 else None
     else:
         q, p = _int(facts.get("v1_quota")), _int(facts.get("v1_period"))
         got_cpus = q / p if q and p and q > 0 else None

@@ -32,6 +32,9 @@ class ContainerSpec:
     tmpfs: int = 64 << 20
     user: str = "65534:65534"
     runtime: str = "runc"
+    # Host name -> address lines for the container's /etc/hosts: granted host names point at
+    # the loopback relay of their forwarded Unix socket (the container still has no network).
+    extra_hosts: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

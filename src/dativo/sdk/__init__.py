@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ import pyarrow as pa
 __all__ = [
     "DataReader",
     "DataWriter",
+    "NetworkDestination",
     "OutputFile",
     "PluginConfigError",
     "PluginContext",
@@ -58,6 +59,35 @@ class SourceError(Exception):
 
 
 @dataclass(frozen=True)
+class NetworkDestination:
+    """A network destination the job granted the plugin, and how to reach it.
+
+    Inside a container the plugin has no network: the supervisor forwards each granted
+    destination (docs/network-policy.md). Either connect to `socket_path` (Unix socket; for libpq:
+    `host=socket_dir port=port`), or connect a TCP client to `host`:`port`, a loopback relay the
+    plugin host runs to that socket. A granted host *name* also resolves to that relay inside
+    the container, so `connect("db.example.com", 5432)` works as is.
+
+    Attributes:
+        destination: the grant, `host:port` as the job wrote it (normalised).
+        host: where a TCP client connects: the relay's loopback address in a container, the
+            granted host itself in the unsandboxed in-process mode.
+        port: the granted port (the relay listens on the same port).
+        socket_path: the Unix socket the supervisor forwards; None in the in-process mode.
+    """
+
+    destination: str
+    host: str
+    port: int
+    socket_path: str | None = None
+
+    @property
+    def socket_dir(self) -> str | None:
+        """The directory of `socket_path`: libpq's `host` for a Unix-socket connection."""
+        return None if self.socket_path is None else self.socket_path.rsplit("/", 1)[0]
+
+
+@dataclass(frozen=True)
 class PluginContext:
     """What the host hands a plugin besides its config.
 
@@ -71,6 +101,7 @@ class PluginContext:
         log: a logger whose records are forwarded to the supervisor (rate-limited).
         checkpoint: call with a JSON-serialisable state to record a cursor that is valid once
             every batch yielded so far has been written. Readers only.
+        network: the destinations the job grants, by `host:port`; empty when none.
     """
 
     run_id: str
@@ -80,6 +111,7 @@ class PluginContext:
     output_dir: Path | None = None
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("dativo.plugin"))
     checkpoint: Callable[[dict[str, Any]], None] = field(default=lambda _state: None)
+    network: Mapping[str, NetworkDestination] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from dativo import lake
 from dativo.config import JobConfig, format_size
 from dativo.errors import DativoError, InternalError, PluginError, ProtocolError
 from dativo.protocol import IpcFormatError, inspect_message, v1
@@ -30,8 +31,9 @@ from dativo.sandbox import Engine, ExitInfo, RunDirectory, runtime_base
 from dativo.sandbox._rundir import is_run_alive
 from dativo.signing import VerifiedPlugin, record_seen
 from dativo.state import StateStore
-from dativo.supervisor import _publish
+from dativo.supervisor import _network, _publish
 from dativo.supervisor._plugins import (
+    SOCKET_MOUNT,
     Launch,
     PluginProcess,
     resolve,
@@ -97,6 +99,8 @@ class RunReport:
     sandboxed: bool = True
     signed: bool = False
     reaped_containers: list[str] = field(default_factory=list)
+    commit: dict[str, Any] | None = None
+    commit_seconds: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -115,6 +119,10 @@ class RunReport:
             "state_saved": self.state_saved,
             "recovered_runs": self.recovered_runs,
             "reaped_containers": self.reaped_containers,
+            "commit": self.commit,
+            "commit_seconds": None
+            if self.commit_seconds is None
+            else round(self.commit_seconds, 4),
             "plugins": self.plugins,
             "writer_metadata": self.writer_metadata,
             "error": self.error,
@@ -389,6 +397,8 @@ class _Run:
         self.failure: DativoError | None = None
         self.failed = threading.Event()
         self.verified: dict[str, VerifiedPlugin] = {}
+        self.networks: dict[str, _network.PluginNetwork] = {}
+        self.committer: lake.Committer | None = None
 
     def _save_state(self, state: dict[str, Any], run_id: str) -> None:
         self.store.save(self.job.name, state, run_id)
@@ -406,7 +416,10 @@ class _Run:
                 "UNSANDBOXED: plugins run inside this process with your privileges; "
                 "use this only for plugins you wrote yourself"
             )
-        target = job.target_dir
+        # A local Parquet target stages inside itself; lake targets (Iceberg, S3) stage under
+        # the job's directory and commit through a committer holding the credentials.
+        target = job.staging_base
+        self.committer = lake.committer_for(job)  # an Iceberg one warms up in the background
         if target is not None:
             target.mkdir(parents=True, exist_ok=True)
             self.report.recovered_runs = _publish.recover(
@@ -414,6 +427,7 @@ class _Run:
                 job=job.name,
                 is_alive=lambda rid: is_run_alive(base / rid),
                 save_state=self._save_state,
+                committer=self.committer,
             )
         rundir = RunDirectory(base, self.run_id)
         staging: Path | None = None
@@ -429,6 +443,9 @@ class _Run:
                 # from here on each is named by its verified ID only, never by a tag.
                 reader = self._verify(engine, reader)
                 writer = self._verify(engine, writer)
+            # Every grant is resolved and pinned before any container (even the probe) starts.
+            pinned = {launch.role: self._pin_network(launch) for launch in (reader, writer)}
+            if engine is not None:
                 for launch in (reader, writer):
                     images[launch.role] = self.verified[launch.role].image_id
                     engine.verify_limits(
@@ -447,6 +464,7 @@ class _Run:
                         run_id=self.run_id,
                         run_dir=rundir.path,
                         socket_dir=directory,
+                        network=self._open_network(launch, directory, pinned[launch.role]),
                     )
                 else:
                     process = start_thread(launch, directory / "plugin.sock")
@@ -458,11 +476,12 @@ class _Run:
             writer_session = self._handshake(*sessions["writer"])
             self._relay(reader_session, writer_session, staging)
             self._record_versions()
-        except BaseException:
+        except BaseException as exc:
             for process in self.processes:
                 process.stop()
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
+            self._note_network(exc)
             raise
         finally:
             for channel in self.channels:
@@ -474,7 +493,12 @@ class _Run:
                     **self.report.plugins.get(role, {}),
                     **process.describe(),
                 }
+            for role, network in self.networks.items():
+                network.close()
+                self.report.plugins.setdefault(role, {})["network"] = network.report()
             rundir.close()
+            if self.committer is not None:
+                self.committer.close()
 
     def _verify(self, engine: Engine, launch: Launch) -> Launch:
         """Verify the plugin's image against the trust policy; raise before anything starts."""
@@ -492,6 +516,63 @@ class _Run:
                 verified.image_id[:19],
             )
         return launch
+
+    def _pin_network(self, launch: Launch) -> tuple[_network.Pinned, ...]:
+        """Resolve and pin the plugin's granted destinations (before any container starts)."""
+        granted = launch.spec.network
+        if not granted:
+            return ()
+        shown = ", ".join(f"`{d}`" for d in granted)
+        if self.options.in_process:
+            log.warning(
+                "UNSANDBOXED: %s plugin `%s` has this process's own network; its grants (%s) "
+                "are not enforced",
+                launch.role,
+                launch.name,
+                shown,
+            )
+            return ()
+        verified = self.verified.get(launch.role)
+        if verified is not None and verified.manifest is None:
+            log.warning(
+                "!! UNSIGNED: %s plugin `%s` is local code with no manifest; its network grants "
+                "(%s) come from the job file alone",
+                launch.role,
+                launch.name,
+                shown,
+            )
+        return _network.pin(granted, field_path=launch.field_path)
+
+    def _open_network(
+        self, launch: Launch, directory: Path, pinned: tuple[_network.Pinned, ...]
+    ) -> _network.PluginNetwork | None:
+        """Bind the plugin's forwarded sockets in its socket directory and start forwarding."""
+        if not pinned:
+            return None
+        network = _network.PluginNetwork(
+            pinned, directory, role=launch.role, plugin=launch.name, container_root=SOCKET_MOUNT
+        )
+        self.networks[launch.role] = network
+        network.start()
+        for item in pinned:
+            log.info(
+                "%s plugin `%s`: granted `%s`, pinned to %s",
+                launch.role,
+                launch.name,
+                item.destination,
+                item.shown,
+            )
+        return network
+
+    def _note_network(self, exc: BaseException) -> None:
+        """Name the granted destination that failed in the plugin's error, if one did."""
+        if not isinstance(exc, PluginError) or exc.role not in self.networks:
+            return
+        note = self.networks[exc.role].failure_note()
+        if note is not None:
+            exc.message += f"; {note}"
+            if exc.hint is None:
+                exc.hint = "check that the granted destination is up and reachable from this host"
 
     def _record_versions(self) -> None:
         """Remember the version of each signed plugin just run (rollback protection)."""
@@ -655,19 +736,33 @@ class _Run:
                 raise breach
         assert isinstance(result, v1.Result)
         self.report.writer_metadata = dict(result.metadata)
-        if staging is not None and self.job.target_dir is not None:
+        base = self.job.staging_base
+        if staging is not None and base is not None:
             writer.process.stop()  # nothing may change the staging directory from now on
             files = _publish.validate_staged(
                 staging, list(result.files), rows_sent=self.report.rows, plugin=writer.name
             )
-            _publish.publish(
-                self.job.target_dir,
-                self.run_id,
-                files,
-                job=self.job.name,
-                state=end.state,
-                save_state=self._save_state,
-            )
+            committing = time.monotonic()
+            if self.committer is not None:
+                self.report.commit = _publish.publish_lake(
+                    base,
+                    self.run_id,
+                    files,
+                    job=self.job.name,
+                    state=end.state,
+                    save_state=self._save_state,
+                    committer=self.committer,
+                )
+            else:
+                _publish.publish(
+                    base,
+                    self.run_id,
+                    files,
+                    job=self.job.name,
+                    state=end.state,
+                    save_state=self._save_state,
+                )
+            self.report.commit_seconds = time.monotonic() - committing
             self.report.files = [
                 {"path": f.path, "rows": f.rows, "bytes": f.bytes, "partition": f.partition}
                 for f in files
@@ -753,11 +848,20 @@ class _Run:
 
     def _pump(self, reader: _Session, writer: _Session) -> v1.End:
         """Relay reader -> writer until `end`; validate every Arrow message on the way."""
+        started = time.monotonic()
+        prefetch = _Prefetch(reader, self.job.run.idle_timeout)
+        try:
+            return self._pump_frames(reader, writer, prefetch, started)
+        finally:
+            prefetch.close()
+
+    def _pump_frames(
+        self, reader: _Session, writer: _Session, prefetch: _Prefetch, started: float
+    ) -> v1.End:
         schema: pa.Schema | None = None
         report = self.report
         progress = self.options.progress
-        started = time.monotonic()
-        check = reader.channel._check
+        check = prefetch.check
         limits = self.job.run
         nodes = 0  # field nodes of the declared schema, nested fields included
         while True:
@@ -766,12 +870,8 @@ class _Run:
             check()
             if time.monotonic() > writer.deadline:
                 raise writer.timeout_error()
-            # The idle clock starts only now: time blocked on a slow writer does not count.
-            idle_deadline = time.monotonic() + limits.idle_timeout
             try:
-                kind, payload = reader.channel.recv_frame(
-                    deadline=min(reader.deadline, idle_deadline), reuse=True
-                )
+                kind, payload, slot = prefetch.next(writer)
             except v1.PeerClosed:
                 raise reader.diagnose("closed the connection before `end`") from None
             except TimeoutError:
@@ -785,6 +885,8 @@ class _Run:
                     message = v1.decode_control(payload)
                 except ProtocolError as exc:
                     raise reader.error(f"broke the protocol: {exc}", "protocol") from None
+                del payload
+                prefetch.release(slot)
                 if isinstance(message, v1.Log):
                     reader.log(message)
                 elif isinstance(message, v1.Checkpoint):
@@ -832,7 +934,10 @@ class _Run:
                     raise reader.error("sent a record batch before its schema", "protocol")
                 schema = self._check_schema(reader, buffer)
                 nodes = sum(_field_nodes(column.type) for column in schema)
+                del buffer
                 self._forward(writer, payload)
+                del payload
+                prefetch.release(slot)
                 continue
             if info.header_type != 3:
                 raise reader.error("sent a second schema in the same stream", "schema")
@@ -845,7 +950,7 @@ class _Run:
                 )
             try:
                 batch = pa.ipc.read_record_batch(pa.ipc.read_message(buffer), schema)
-                batch.validate(full=True)
+                _validate(batch)
             except Exception as exc:  # pyarrow raises ValueError, OSError, TypeError...
                 raise reader.error(
                     "sent a record batch that does not match its declared schema: "
@@ -868,8 +973,11 @@ class _Run:
                     "raise `run.max_bytes` if the source really holds more",
                 )
             self._forward(writer, payload)
+            size = len(payload)
+            del payload
+            prefetch.release(slot)
             report.rows += rows
-            report.bytes += len(payload)
+            report.bytes += size
             report.batches += 1
             if progress is not None:
                 progress(
@@ -905,6 +1013,112 @@ class _Run:
         if len(schema) == 0:
             raise reader.error("declared a schema with no columns", "schema")
         return schema
+
+
+def _validate(batch: pa.RecordBatch) -> None:
+    """Everything `validate(full=True)` checks, except decimal precision.
+
+    Offsets, lengths, buffer sizes, null counts and UTF-8 are checked for every column, so no
+    writer can be made to read out of bounds or decode invalid text. The precision check of
+    decimal values (a third of the full cost on mixed data) is left to the writer: a decimal
+    too wide for its declared precision is wrong data, not unsafe data.
+    """
+    for index, column in enumerate(batch.columns):
+        try:
+            column.validate(full=not pa.types.is_decimal(column.type))
+        except pa.ArrowInvalid as exc:
+            # The same shape as pyarrow's batch-level message, so `_column_problem` names it.
+            raise pa.ArrowInvalid(f"In column {index}: Invalid: {exc}") from None
+    batch.validate()
+
+
+class _Stopped(Exception):
+    """The prefetch thread was told to stop."""
+
+
+class _Prefetch:
+    """Receives the reader's next frame into a second buffer while the current one is relayed.
+
+    Two reusable buffers, at most one received frame waiting: memory stays two frames, and the
+    relay's validation overlaps the socket copies (which release the GIL) instead of taking
+    turns with them.
+    """
+
+    def __init__(self, reader: _Session, idle_timeout: float) -> None:
+        self._reader = reader
+        self._idle_timeout = idle_timeout
+        self._ready: queue.Queue[tuple[int, Any, int] | BaseException] = queue.Queue()
+        self._free: queue.Queue[int] = queue.Queue()
+        self._free.put(0)
+        self._free.put(1)
+        self._stop = threading.Event()
+        self.check = reader.channel._check
+        reader.channel._check = self._receiver_check
+        self._thread = threading.Thread(target=self._run, name="dativo-prefetch", daemon=True)
+        self._thread.start()
+
+    def _receiver_check(self) -> None:
+        if self._stop.is_set():
+            raise _Stopped
+        self.check()
+
+    def _run(self) -> None:
+        channel = self._reader.channel
+        try:
+            while True:
+                slot = self._wait(self._free)
+                # The idle clock starts only now: time blocked on a slow writer does not count.
+                idle = time.monotonic() + self._idle_timeout
+                kind, payload = channel.recv_frame(
+                    deadline=min(self._reader.deadline, idle), reuse=True, slot=slot
+                )
+                self._ready.put((kind, payload, slot))
+                if kind == v1.KIND_CONTROL and _ends_stream(payload):
+                    return
+        except _Stopped:
+            return
+        except BaseException as exc:  # handed to the relay, which reports it
+            self._ready.put(exc)
+
+    def _wait(self, source: queue.Queue[int]) -> int:
+        while True:
+            if self._stop.is_set():
+                raise _Stopped
+            try:
+                return source.get(timeout=0.25)
+            except queue.Empty:
+                continue
+
+    def next(self, writer: _Session) -> tuple[int, Any, int]:
+        """The next frame (kind, payload, slot); raises what the receiver ran into."""
+        while True:
+            self.check()
+            if time.monotonic() > writer.deadline:
+                raise writer.timeout_error()
+            try:
+                item = self._ready.get(timeout=0.25)
+            except queue.Empty:
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            return item
+
+    def release(self, slot: int) -> None:
+        self._free.put(slot)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+        self._reader.channel._check = self.check
+
+
+def _ends_stream(payload: Any) -> bool:
+    """Whether a control frame from the reader is its last (`end` or `error`)."""
+    try:
+        message = v1.decode_control(payload)
+    except ProtocolError:
+        return True
+    return isinstance(message, v1.End | v1.Error)
 
 
 def _has_dictionary(arrow_type: pa.DataType) -> bool:

@@ -30,6 +30,7 @@ from dativo.sandbox import (
     Mount,
 )
 from dativo.signing import Grants, VerifiedPlugin, verify_plugin
+from dativo.supervisor._network import PluginNetwork, split_destination
 
 log = logging.getLogger(__name__)
 
@@ -230,10 +231,18 @@ def start_container(
     run_id: str,
     run_dir: Path,
     socket_dir: Path,
+    network: PluginNetwork | None = None,
 ) -> ContainerPlugin:
-    """Start the plugin's container: only its socket directory and granted paths mounted."""
+    """Start the plugin's container: only its socket directory and granted paths mounted.
+
+    `network` (the plugin's granted destinations, forwarded as Unix sockets inside its socket
+    directory) adds `DATIVO_NETWORK`/`DATIVO_NETWORK_TCP` and the granted host names'
+    `/etc/hosts` lines; the container keeps `network_mode: none`.
+    """
     resources = launch.spec.resources
     env = {"DATIVO_SOCKET": f"{SOCKET_MOUNT}/{SOCKET_NAME}", "DATIVO_ROLE": launch.role}
+    if network is not None:
+        env.update(network.environment())
     mounts = [Mount(socket_dir, SOCKET_MOUNT, read_only=True)]
     if launch.input_dir is not None:
         mounts.append(Mount(launch.input_dir, INPUT_MOUNT, read_only=True))
@@ -257,6 +266,7 @@ def start_container(
         tmpfs=resources.tmpfs,
         user=launch.spec.isolation.user,
         runtime=launch.spec.isolation.runtime,
+        extra_hosts={} if network is None else network.extra_hosts(),
     )
     container = engine.start(spec)
     return ContainerPlugin(launch=launch, container=container, image_id=image_id)
@@ -302,6 +312,7 @@ def start_thread(launch: Launch, socket_path: Path) -> ThreadPlugin:
     """Run the plugin host in a thread connected to the run's socket (trusted mode)."""
     from dativo.host import load_plugin_class, serve
     from dativo.protocol.v1 import Channel
+    from dativo.sdk import NetworkDestination
 
     if launch.implementation is None:
         raise ConfigError(
@@ -314,6 +325,12 @@ def start_thread(launch: Launch, socket_path: Path) -> ThreadPlugin:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(str(socket_path))
     status: list[int] = []
+    # UNSANDBOXED: the plugin has the supervisor's own network; grants are not enforced, the
+    # plugin is only told the destinations, to connect to directly.
+    network = {}
+    for destination in launch.spec.network:
+        host, port = split_destination(destination)
+        network[destination] = NetworkDestination(destination=destination, host=host, port=port)
 
     def body() -> None:
         channel = Channel(sock, max_frame_bytes=1 << 31, poll=1.0)
@@ -325,6 +342,7 @@ def start_thread(launch: Launch, socket_path: Path) -> ThreadPlugin:
                     input_dir=launch.input_dir,
                     output_dir=launch.output_dir,
                     logger=logging.getLogger(f"dativo.plugin.{cls.name}"),
+                    network=network,
                 )
             )
         except Exception:

@@ -12,6 +12,13 @@ After the container has exited (so nothing can change under us), the supervisor:
 
 A crash between 2 and 4 leaves the journal; the next run of the job rolls it forward, so the
 files appear once and the state moves once.
+
+Lake targets (Iceberg tables, Parquet on S3) stage in `<job dir>/.dativo/staging/<job>/` and go
+through the same journal, with a committer from `dativo.lake` in place of the renames
+(`publish_lake`): the committer checks the files first (a refusal leaves no journal), then
+commits them with the run id and the reader state. Rolling such a journal forward asks the
+committer whether the run's commit already reached the target (`find`): if so, only the state
+is saved (from the commit's own record), so the data is never committed twice.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from dativo.errors import PluginError
+from dativo.lake import Committer, LakeFile
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +137,10 @@ def validate_staged(
             try:
                 dir_fd = _open_dir_chain(root_fd, parts[:-1])
                 try:
-                    fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
+                    # O_NONBLOCK: a FIFO planted as "output" must not block the supervisor.
+                    fd = os.open(
+                        parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd
+                    )
                 finally:
                     os.close(dir_fd)
             except OSError as exc:
@@ -237,6 +248,76 @@ def _roll_forward(
     return published
 
 
+def publish_lake(
+    base: Path,
+    run_id: str,
+    files: list[StagedFile],
+    *,
+    job: str,
+    state: dict[str, Any] | None,
+    save_state: Callable[[dict[str, Any], str], None],
+    committer: Committer,
+) -> dict[str, Any]:
+    """Commit the staged files to a lake target and save the state, through the journal.
+
+    Returns the committer's details of the commit, for the run report.
+    """
+    staging = staging_root(base) / run_id
+    committer.check(staging, [LakeFile(f.path, f.rows, f.bytes) for f in files])
+    payload = {
+        "run_id": run_id,
+        "job": job,
+        "kind": committer.kind,
+        "target": committer.describe(),
+        "files": [{"path": f.path, "rows": f.rows, "bytes": f.bytes} for f in files],
+        "state": state,
+    }
+    _write_journal(base, run_id, payload)
+    return _roll_forward_lake(base, payload, save_state, committer, recovering=False)
+
+
+def _write_journal(base: Path, run_id: str, payload: dict[str, Any]) -> None:
+    journal = _journal_path(base, run_id)
+    tmp = journal.with_suffix(".tmp")
+    with open(tmp, "w") as handle:
+        json.dump(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(journal)
+    _fsync_dir(journal.parent)
+
+
+def _roll_forward_lake(
+    base: Path,
+    payload: dict[str, Any],
+    save_state: Callable[[dict[str, Any], str], None],
+    committer: Committer,
+    *,
+    recovering: bool,
+) -> dict[str, Any]:
+    run_id = str(payload["run_id"])
+    staging = staging_root(base) / run_id
+    files = [LakeFile(str(f["path"]), int(f["rows"]), int(f["bytes"])) for f in payload["files"]]
+    state = payload.get("state")
+    found = committer.find(run_id) if recovering else None
+    if found is not None:
+        # Committed before the crash: never again. The state is the one the commit recorded.
+        log.warning(
+            "run %s had committed to %s before it was interrupted; saving its state only",
+            run_id,
+            committer.describe().get("table") or committer.describe().get("location"),
+        )
+        detail = {**committer.describe(), "committed": True, **found.detail}
+        state = found.state if found.state is not None else state
+    else:
+        detail = committer.commit(staging, files, run_id, state)
+    if state is not None:
+        save_state(state, run_id)
+    _journal_path(base, run_id).unlink(missing_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    return detail
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -251,9 +332,11 @@ def recover(
     job: str,
     is_alive: Callable[[str], bool],
     save_state: Callable[[dict[str, Any], str], None],
+    committer: Committer | None = None,
 ) -> list[str]:
     """Finish publications interrupted by a crash and delete staging of dead runs.
 
+    `committer` rolls lake journals forward (those of `publish_lake`); a local target has none.
     Returns the run ids whose publication was rolled forward.
     """
     root = staging_root(target)
@@ -271,8 +354,20 @@ def recover(
             continue
         if payload.get("job") != job:
             continue
+        kind = payload.get("kind")
+        if kind is not None and (committer is None or committer.kind != kind):
+            log.error(
+                "publish journal %s is for a %s target, which this job no longer has; leaving "
+                "it for inspection",
+                journal,
+                kind,
+            )
+            continue
         log.warning("finishing the publication of run %s, interrupted earlier", run_id)
-        _roll_forward(target, payload, save_state)
+        if committer is not None and kind is not None:
+            _roll_forward_lake(target, payload, save_state, committer, recovering=True)
+        else:
+            _roll_forward(target, payload, save_state)
         rolled.append(run_id)
     for entry in root.iterdir():
         if entry.is_dir() and not entry.is_symlink() and not is_alive(entry.name):

@@ -287,8 +287,11 @@ def test_local_python_code(keys: Keys) -> None:
     set_allow_unsigned_local(True)
     assert verify(runtime, local_code=True).signed is False
     grants = Grants(network=("db:1",), resources=JOB_RESOURCES, field_path="source.reader")
+    # Local code has no manifest: the job's grant alone applies (the supervisor warns loudly).
+    assert verify(runtime, local_code=True, grants=grants).signed is False
+    # An unsigned *image* without a manifest declares nothing, so it may be granted nothing.
     with pytest.raises(ConfigError, match="this unsigned plugin"):
-        verify(runtime, local_code=True, grants=grants)
+        verify(runtime, grants=grants)
 
 
 def test_malformed_policy_refuses_every_run(keys: Keys) -> None:
