@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,3 +46,42 @@ def session_dativo_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pa
         os.environ.pop(HOME_ENV, None)
     else:
         os.environ[HOME_ENV] = previous
+
+
+def in_ci() -> bool:
+    """True under CI (CI=true), where a missing engine is a failure, never a skip."""
+    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> str:
+    """The Docker engine's server version, checked once per session with `docker info`.
+
+    When no engine answers, the test fails under CI=true and is skipped otherwise.
+    """
+    problem: str
+    if shutil.which("docker") is None:
+        problem = "the docker CLI is not installed"
+    else:
+        try:
+            proc = subprocess.run(
+                ["docker", "info", "--format", "{{.ServerVersion}}"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            problem = "`docker info` timed out after 30 s"
+        else:
+            version = proc.stdout.strip()
+            if proc.returncode == 0 and version:
+                return version
+            lines = (proc.stderr or proc.stdout).strip().splitlines()
+            problem = "`docker info` failed" + (f": {lines[-1]}" if lines else "")
+    message = f"no Docker engine answers ({problem}); run `make engine`"
+    if in_ci():
+        pytest.fail(
+            f"{message} [CI=true: a missing engine fails, it is never skipped]", pytrace=False
+        )
+    pytest.skip(message)

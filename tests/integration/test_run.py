@@ -224,33 +224,42 @@ def test_wall_clock_timeout(tmp_path: Path) -> None:
     assert time.monotonic() - started < 30
 
 
-def test_killed_supervisor_leaves_containers_that_next_run_reaps(
-    tmp_path: Path, client: Any
-) -> None:
+def start_slow_supervisor(
+    tmp_path: Path, client: Any, name: str, interval: float, target: dict[str, Any]
+) -> subprocess.Popen[str]:
+    """`dativo run` of an endless slow reader in a subprocess, once both plugins run."""
     slow = {
         "version": 1,
-        "name": "killed",
-        "source": {"reader": fixture_plugin("SlowReader", {"interval": 0.5})},
-        "target": {"writer": {"type": "builtin", "name": "null"}},
+        "name": name,
+        "source": {"reader": fixture_plugin("SlowReader", {"interval": interval})},
+        "target": target,
     }
     (tmp_path / "slow.yaml").write_text(yaml.safe_dump(slow))
     supervisor = subprocess.Popen(
         [sys.executable, "-m", "dativo", "run", str(tmp_path / "slow.yaml")],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
         start_new_session=True,
     )
-    try:
-        deadline = time.monotonic() + 60
-        running: list[Any] = []
-        while time.monotonic() < deadline and len(running) < 2:
-            time.sleep(0.2)
-            running = own_containers(client, status="running")
-        assert len(running) == 2, "the supervisor never started both plugins"
-    finally:
-        os.kill(supervisor.pid, signal.SIGKILL)
-        supervisor.wait()
-    names = running
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(own_containers(client, status="running")) < 2:
+        time.sleep(0.2)
+    if len(own_containers(client, status="running")) < 2:
+        supervisor.kill()
+        supervisor.communicate()
+        pytest.fail("the supervisor never started both plugins")
+    return supervisor
+
+
+def test_killed_supervisor_leaves_containers_that_next_run_reaps(
+    tmp_path: Path, client: Any
+) -> None:
+    target = {"writer": {"type": "builtin", "name": "null"}}
+    supervisor = start_slow_supervisor(tmp_path, client, "killed", 0.5, target)
+    names = own_containers(client, status="running")
+    os.kill(supervisor.pid, signal.SIGKILL)
+    supervisor.communicate()
     time.sleep(0.5)
     still = own_containers(client)
     assert still == names  # SIGKILL gives no chance to clean up...
@@ -268,26 +277,9 @@ def test_killed_supervisor_leaves_containers_that_next_run_reaps(
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_interrupted_supervisor_cleans_up(tmp_path: Path, client: Any, signum: int) -> None:
-    slow = {
-        "version": 1,
-        "name": "interrupted",
-        "source": {"reader": fixture_plugin("SlowReader", {"interval": 0.2})},
-        "target": {"path": "out", "writer": {"type": "builtin", "name": "parquet"}},
-    }
-    (tmp_path / "slow.yaml").write_text(yaml.safe_dump(slow))
-    supervisor = subprocess.Popen(
-        [sys.executable, "-m", "dativo", "run", str(tmp_path / "slow.yaml")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    target = {"path": "out", "writer": {"type": "builtin", "name": "parquet"}}
+    supervisor = start_slow_supervisor(tmp_path, client, "interrupted", 0.2, target)
     try:
-        deadline = time.monotonic() + 60
-        running: list[Any] = []
-        while time.monotonic() < deadline and len(running) < 2:
-            time.sleep(0.2)
-            running = own_containers(client, status="running")
-        assert len(running) == 2, "the supervisor never started both plugins"
         time.sleep(1.0)  # batches are flowing
         supervisor.send_signal(signum)
         _, stderr = supervisor.communicate(timeout=60)

@@ -187,6 +187,45 @@ def _finish(channel: v1.Channel, plugin: DataReader | DataWriter, closed: list[b
     raise _Stop
 
 
+class _BatchSender:
+    """Writes each record batch's IPC message straight from Arrow memory into its frame.
+
+    `RecordBatch.serialize()` would first copy the whole batch into one buffer; a stream writer
+    over a file-like sink hands over the metadata and every body buffer in turn, and the
+    frame's length is known beforehand (`get_record_batch_size`). The stream writer emits the
+    schema message before its first batch; that happens here, once, on an empty batch, and is
+    discarded (the schema frame was sent already).
+    """
+
+    closed = False  # the file-like protocol pyarrow checks
+
+    def __init__(self, channel: v1.Channel, schema: pa.Schema) -> None:
+        self._write: Any = None
+        self._writer = pa.ipc.new_stream(pa.PythonFile(self, mode="w"), schema)
+        self._writer.write_batch(pa.RecordBatch.from_pylist([], schema=schema))
+        self._channel = channel
+
+    def write(self, data: Any) -> int:
+        size = memoryview(data).nbytes
+        if self._write is not None:
+            self._write(data)
+        return size
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def send(self, batch: pa.RecordBatch) -> None:
+        with self._channel.arrow_frame(pa.ipc.get_record_batch_size(batch)) as write:
+            self._write = write
+            try:
+                self._writer.write_batch(batch)
+            finally:
+                self._write = None
+
+
 def _serve_reader(
     channel: v1.Channel,
     plugin: DataReader,
@@ -199,6 +238,7 @@ def _serve_reader(
     if not isinstance(schema, pa.Schema):
         raise TypeError(f"get_schema() returned {type(schema).__name__}, not pyarrow.Schema")
     channel.send_arrow(schema.serialize())
+    batches = _BatchSender(channel, schema)
     for batch in plugin.read_batch(init.batch_size):
         if not isinstance(batch, pa.RecordBatch):
             raise TypeError(f"read_batch() yielded {type(batch).__name__}, not RecordBatch")
@@ -209,7 +249,7 @@ def _serve_reader(
                 "read_batch() yielded a batch whose schema differs from get_schema(): "
                 f"got {batch.schema}, declared {schema}"
             )
-        channel.send_arrow(batch.serialize())
+        batches.send(batch)
     channel.send(v1.End(state=plugin.get_incremental_state()))
     _finish(channel, plugin, closed)
 

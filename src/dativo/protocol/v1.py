@@ -18,7 +18,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Annotated, Any, Literal
 
 import pyarrow as pa
@@ -349,6 +349,32 @@ class Channel:
         """Send one Arrow IPC message (any object with the buffer protocol) as a frame."""
         view = memoryview(payload).cast("B")
         self.send_buffers([HEADER.pack(KIND_ARROW, len(view)), view], deadline=deadline)
+
+    @contextlib.contextmanager
+    def arrow_frame(
+        self, length: int, *, deadline: float | None = None
+    ) -> Iterator[Callable[[Any], None]]:
+        """Send one Arrow frame of `length` bytes whose payload is written piece by piece.
+
+        The header goes first and the channel stays locked until the payload is complete, so
+        no other message can interleave; a payload of any other length is a bug, and raises.
+        """
+        with self._send_lock:
+            self._send_views([memoryview(HEADER.pack(KIND_ARROW, length))], deadline)
+            sent = 0
+
+            def write(data: Any) -> None:
+                nonlocal sent
+                view = memoryview(data).cast("B")
+                sent += len(view)
+                if sent > length:
+                    raise ProtocolError(f"Arrow frame payload exceeds its declared {length} bytes")
+                if len(view):
+                    self._send_views([view], deadline)
+
+            yield write
+            if sent != length:
+                raise ProtocolError(f"Arrow frame payload of {sent} bytes, {length} declared")
 
     def send_buffers(self, buffers: Sequence[Any], *, deadline: float | None = None) -> None:
         """Send the buffers in order, as one write where the kernel allows."""
