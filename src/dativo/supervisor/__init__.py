@@ -850,13 +850,22 @@ class _Run:
         """Relay reader -> writer until `end`; validate every Arrow message on the way."""
         started = time.monotonic()
         prefetch = _Prefetch(reader, self.job.run.idle_timeout)
+        sender = _Sender(self, writer, prefetch)
         try:
-            return self._pump_frames(reader, writer, prefetch, started)
+            end = self._pump_frames(reader, writer, prefetch, sender, started)
+            sender.drain()
+            return end
         finally:
+            sender.close()
             prefetch.close()
 
     def _pump_frames(
-        self, reader: _Session, writer: _Session, prefetch: _Prefetch, started: float
+        self,
+        reader: _Session,
+        writer: _Session,
+        prefetch: _Prefetch,
+        sender: _Sender,
+        started: float,
     ) -> v1.End:
         schema: pa.Schema | None = None
         report = self.report
@@ -935,9 +944,8 @@ class _Run:
                 schema = self._check_schema(reader, buffer)
                 nodes = sum(_field_nodes(column.type) for column in schema)
                 del buffer
-                self._forward(writer, payload)
+                sender.send(payload, slot)
                 del payload
-                prefetch.release(slot)
                 continue
             if info.header_type != 3:
                 raise reader.error("sent a second schema in the same stream", "schema")
@@ -972,10 +980,9 @@ class _Run:
                     "limit",
                     "raise `run.max_bytes` if the source really holds more",
                 )
-            self._forward(writer, payload)
             size = len(payload)
+            sender.send(payload, slot)
             del payload
-            prefetch.release(slot)
             report.rows += rows
             report.bytes += size
             report.batches += 1
@@ -1036,6 +1043,82 @@ class _Stopped(Exception):
     """The prefetch thread was told to stop."""
 
 
+# One frame being received, one being validated, one being sent: three buffers of one frame.
+_RELAY_BUFFERS = 3
+
+
+class _Sender:
+    """Forwards validated frames to the writer from a thread of its own.
+
+    Sending (a socket copy, without the GIL) overlaps the validation of the next frame; the
+    queue holds one frame, so memory stays bounded. A frame's buffer goes back to the
+    receiver only once the frame is sent.
+    """
+
+    def __init__(self, run: _Run, writer: _Session, prefetch: _Prefetch) -> None:
+        self._run = run
+        self._writer = writer
+        self._prefetch = prefetch
+        self._queue: queue.Queue[tuple[Any, int] | None] = queue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self._check = writer.channel._check
+        writer.channel._check = self._sender_check
+        self._thread = threading.Thread(target=self._loop, name="dativo-sender", daemon=True)
+        self._thread.start()
+
+    def _sender_check(self) -> None:
+        if self._stop.is_set():
+            raise _Stopped
+        self._check()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            payload, slot = item
+            try:
+                if self.error is None:
+                    self._run._forward(self._writer, payload)
+            except BaseException as exc:  # handed to the relay, which reports it
+                self.error = exc
+                if isinstance(exc, DativoError):
+                    self._run._fail(exc)
+            finally:
+                del payload, item
+                self._prefetch.release(slot)
+                self._queue.task_done()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def send(self, payload: Any, slot: int) -> None:
+        while True:
+            self._raise()
+            try:
+                self._queue.put((payload, slot), timeout=0.25)
+                return
+            except queue.Full:
+                self._check()
+
+    def drain(self) -> None:
+        """Wait until every frame handed over is sent."""
+        while self._queue.unfinished_tasks:
+            self._raise()
+            self._check()
+            time.sleep(0.005)
+        self._raise()
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=5.0)
+        self._thread.join(5.0)
+        self._writer.channel._check = self._check
+
+
 class _Prefetch:
     """Receives the reader's next frame into a second buffer while the current one is relayed.
 
@@ -1049,8 +1132,8 @@ class _Prefetch:
         self._idle_timeout = idle_timeout
         self._ready: queue.Queue[tuple[int, Any, int] | BaseException] = queue.Queue()
         self._free: queue.Queue[int] = queue.Queue()
-        self._free.put(0)
-        self._free.put(1)
+        for slot in range(_RELAY_BUFFERS):
+            self._free.put(slot)
         self._stop = threading.Event()
         self.check = reader.channel._check
         reader.channel._check = self._receiver_check
