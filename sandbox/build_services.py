@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -45,6 +44,17 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+
+# Shared with the plugin images' build (this directory is on sys.path when run as a script).
+from build_images import (
+    BuildError,
+    docker,
+    remove_stale,
+    require_engine,
+    reset_dir,
+    retag,
+    short_hash,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES_DIR = ROOT / "sandbox" / "services"
@@ -79,10 +89,6 @@ DOCKER_ENV = {
     "DOCKER_BUILDKIT": "0",
     "DOCKER_CLI_HINTS": "false",
 }
-
-
-class BuildError(Exception):
-    """A step failed; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -146,16 +152,6 @@ SERVICES: dict[str, Service] = {
 # -- helpers -----------------------------------------------------------------
 
 
-def short_hash(parts: Iterator[tuple[str, bytes]]) -> str:
-    """A hash of named byte strings, framed so that no two inputs collide."""
-    digest = hashlib.sha256()
-    for name, data in parts:
-        for chunk in (name.encode(), data):
-            digest.update(len(chunk).to_bytes(8, "big"))
-            digest.update(chunk)
-    return digest.hexdigest()[:HASH_LENGTH]
-
-
 def service_files(service: Service) -> list[Path]:
     """Every file of the service's directory, sorted, without caches."""
     found: list[Path] = []
@@ -165,18 +161,6 @@ def service_files(service: Service) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(service.directory).as_posix())
 
 
-def docker(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["docker", *args],
-        capture_output=True,
-        text=True,
-        env=DOCKER_ENV,
-        stdin=subprocess.DEVNULL,
-        timeout=timeout,
-        check=False,
-    )
-
-
 def inspect_image(ref: str) -> tuple[str, int] | None:
     """(ID, size in bytes) of an image, None when there is none by that name."""
     proc = docker("image", "inspect", "--format", "{{.Id}} {{.Size}}", ref)
@@ -184,21 +168,6 @@ def inspect_image(ref: str) -> tuple[str, int] | None:
     if proc.returncode != 0 or len(fields) != 2:
         return None
     return fields[0], int(fields[1])
-
-
-def require_engine() -> None:
-    hint = "Start one with `make engine` (sandbox/engine.sh), then retry."
-    if shutil.which("docker") is None:
-        raise BuildError(f"the docker CLI is not installed. {hint}")
-    try:
-        proc = docker("info", "--format", "{{.ServerVersion}}", timeout=30)
-    except subprocess.TimeoutExpired:
-        raise BuildError(f"`docker info` timed out: the engine does not answer. {hint}") from None
-    if proc.returncode != 0 or not proc.stdout.strip():
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        raise BuildError(
-            "the Docker engine does not answer" + (f" ({lines[-1]})" if lines else "") + f". {hint}"
-        )
 
 
 @contextlib.contextmanager
@@ -241,32 +210,6 @@ class Step:
                 f"command failed with exit status {proc.returncode}: {' '.join(cmd)}\n"
                 f"--- last lines of {self.log_path} ---\n{tail}"
             )
-
-
-def reset_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-
-
-def retag(tag: str, alias: str, wanted_id: str) -> None:
-    found = inspect_image(alias)
-    if found and found[0] == wanted_id:
-        return
-    proc = docker("tag", tag, alias)
-    if proc.returncode != 0:
-        raise BuildError(f"docker tag {tag} {alias} failed: {proc.stderr.strip()}")
-
-
-def remove_stale(repo: str, *, keep: str) -> None:
-    """Untag (and so delete) the repo's other hash-tagged images; those in use stay."""
-    proc = docker("image", "ls", repo, "--format", "{{.Tag}}")
-    stale = [
-        f"{repo}:{t}"
-        for t in proc.stdout.split()
-        if t != keep and len(t) == HASH_LENGTH and all(c in "0123456789abcdef" for c in t)
-    ]
-    if stale:
-        docker("image", "rm", *stale)
 
 
 def load_json(path: Path) -> dict[str, Any]:
