@@ -19,6 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from dativo.errors import ProtocolError
 from dativo.host._network import LoopbackRelay, destinations_from_env
 from dativo.protocol import v1
 from dativo.sdk import (
@@ -79,7 +80,7 @@ class _LogForwarder(logging.Handler):
             level = "error" if record.levelno >= logging.ERROR else "info"
         try:
             text = self.format(record)[:_MAX_LOG_CHARS]
-            self._channel.send(v1.Log(level=level, message=text))  # type: ignore[arg-type]
+            self._channel.send(v1.Log(level=level, message=text))
         except Exception:
             self.handleError(record)
 
@@ -102,7 +103,7 @@ def _error_message(exc: BaseException) -> v1.Error:
 def _recv_until_control(channel: v1.Channel) -> v1.ControlMessage:
     kind, payload = channel.recv_frame()
     if kind != v1.KIND_CONTROL:
-        raise v1.ProtocolError("expected a control frame from the supervisor")
+        raise ProtocolError("expected a control frame from the supervisor")
     return v1.decode_control(payload)
 
 
@@ -127,7 +128,7 @@ def serve(
         first = _recv_until_control(channel)
     except v1.PeerClosed:
         return 3
-    except v1.ProtocolError:
+    except ProtocolError:
         return 2
     if isinstance(first, v1.Error):
         return 2
@@ -278,7 +279,7 @@ def _serve_writer(
         control = v1.decode_control(payload)
         if isinstance(control, v1.End):
             if schema is None:
-                raise v1.ProtocolError("`end` before the schema")
+                raise ProtocolError("`end` before the schema")
             result = plugin.finalize()
             if not isinstance(result, WriteResult):
                 raise TypeError(f"finalize() returned {type(result).__name__}, not WriteResult")
@@ -289,7 +290,7 @@ def _serve_writer(
             plugin.abort()
             plugin.close()
             raise _Stop
-        raise v1.ProtocolError(f"unexpected `{control.type}` from the supervisor")
+        raise ProtocolError(f"unexpected `{control.type}` from the supervisor")
 
 
 def _connect(path: str, timeout: float = 30.0) -> socket.socket:

@@ -39,7 +39,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_PROBE_LIMITS = {"memory": 96 << 20, "cpus": 0.5, "pids": 48}
+_PROBE_MEMORY = 96 << 20
+_PROBE_CPUS = 0.5
+_PROBE_PIDS = 48
 _PROBE_CACHE_ENTRIES = 32
 
 
@@ -96,18 +98,18 @@ class Engine:
             image=image_id,
             entrypoint=("python3", "-c", PROBE_SCRIPT),
             labels={LABEL_RUN_ID: "probe"},
-            memory=_PROBE_LIMITS["memory"],
-            cpus=_PROBE_LIMITS["cpus"],
-            pids=_PROBE_LIMITS["pids"],
+            memory=_PROBE_MEMORY,
+            cpus=_PROBE_CPUS,
+            pids=_PROBE_PIDS,
             user=user,
             runtime=runtime,
         )
         output = _docker.run_probe(self._client, spec)
         facts = check_probe(
             output,
-            memory=_PROBE_LIMITS["memory"],
-            cpus=_PROBE_LIMITS["cpus"],
-            pids=_PROBE_LIMITS["pids"],
+            memory=_PROBE_MEMORY,
+            cpus=_PROBE_CPUS,
+            pids=_PROBE_PIDS,
             uid=uid,
         )
         entries.pop(key, None)

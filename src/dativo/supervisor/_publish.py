@@ -84,6 +84,14 @@ def _check_path(raw: Any) -> list[str]:
     return parts
 
 
+def _count(entry: dict[str, Any], key: str) -> int:
+    """A non-negative integer field of a result entry (not a float, not a bool)."""
+    value = entry.get(key)
+    if type(value) is not int or value < 0:
+        raise ValueError(f"`{key}` of `{entry.get('path')}` is `{value!r}`")
+    return value
+
+
 def _open_dir_chain(root_fd: int, parts: list[str]) -> int:
     """Walk directories below root_fd without following symlinks; return the last dir's fd."""
     fd = os.dup(root_fd)
@@ -119,10 +127,7 @@ def validate_staged(
         for entry in files:
             try:
                 parts = _check_path(entry.get("path"))
-                rows, size = entry.get("rows"), entry.get("bytes")
-                for key, value in (("rows", rows), ("bytes", size)):
-                    if type(value) is not int or value < 0:
-                        raise ValueError(f"`{key}` of `{entry.get('path')}` is `{value!r}`")
+                rows, size = _count(entry, "rows"), _count(entry, "bytes")
                 partition = entry.get("partition") or {}
                 if not isinstance(partition, dict) or not all(
                     isinstance(k, str) and isinstance(v, str) for k, v in partition.items()
