@@ -1043,6 +1043,19 @@ class _Stopped(Exception):
     """The prefetch thread was told to stop."""
 
 
+def _interruptible(channel: v1.Channel, stop: threading.Event) -> Callable[[], None]:
+    """Make the channel's blocking calls also end once `stop` is set; return its own check."""
+    original = channel._check
+
+    def check() -> None:
+        if stop.is_set():
+            raise _Stopped
+        original()
+
+    channel._check = check
+    return original
+
+
 # One frame being received, one being validated, one being sent: three buffers of one frame.
 _RELAY_BUFFERS = 3
 
@@ -1062,15 +1075,9 @@ class _Sender:
         self._queue: queue.Queue[tuple[Any, int] | None] = queue.Queue(maxsize=1)
         self._stop = threading.Event()
         self.error: BaseException | None = None
-        self._check = writer.channel._check
-        writer.channel._check = self._sender_check
+        self._check = _interruptible(writer.channel, self._stop)
         self._thread = threading.Thread(target=self._loop, name="dativo-sender", daemon=True)
         self._thread.start()
-
-    def _sender_check(self) -> None:
-        if self._stop.is_set():
-            raise _Stopped
-        self._check()
 
     def _loop(self) -> None:
         while True:
@@ -1135,15 +1142,9 @@ class _Prefetch:
         for slot in range(_RELAY_BUFFERS):
             self._free.put(slot)
         self._stop = threading.Event()
-        self.check = reader.channel._check
-        reader.channel._check = self._receiver_check
+        self.check = _interruptible(reader.channel, self._stop)
         self._thread = threading.Thread(target=self._run, name="dativo-prefetch", daemon=True)
         self._thread.start()
-
-    def _receiver_check(self) -> None:
-        if self._stop.is_set():
-            raise _Stopped
-        self.check()
 
     def _run(self) -> None:
         channel = self._reader.channel
