@@ -82,6 +82,13 @@ def own_containers(client: Any) -> list[Any]:
 
 
 @pytest.fixture(autouse=True)
+def pg_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe's config names its password as `${DATIVO_TEST_PGPASSWORD}`: the supervisor
+    expands it and hands it over only in `init`."""
+    monkeypatch.setenv("DATIVO_TEST_PGPASSWORD", "dativo")
+
+
+@pytest.fixture(autouse=True)
 def no_leftovers(client: Any) -> Iterator[None]:
     """No container, run directory, socket or forwarder thread outlives a test."""
     yield
@@ -184,7 +191,7 @@ def login(pg: PostgresService, destination: str, via: str) -> dict[str, Any]:
         "destination": destination,
         "via": via,
         "user": pg.user,
-        "password": pg.password,
+        "password": "${DATIVO_TEST_PGPASSWORD}",
         "database": pg.database,
         "query": "SELECT v, current_user, inet_server_port() FROM marker",
     }
@@ -319,7 +326,7 @@ def test_a_granted_destination_that_is_down_is_named(
                 "destination": down,
                 "via": "socket",
                 "user": "dativo",
-                "password": "dativo",
+                "password": "${DATIVO_TEST_PGPASSWORD}",
                 "database": "dativo",
                 "query": "SELECT 1",
             }

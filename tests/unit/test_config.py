@@ -483,7 +483,7 @@ source:
     type: python
     implementation: my_plugins.orders:OrdersReader
     path: plugins
-    config: {{table: orders, password: x, nested: {{a: [1, 2]}}}}
+    config: {{table: orders, password: "${{PGPASS}}", nested: {{a: [1, 2]}}}}
     resources: {{cpus: 0.5, memory: 512m, pids: 64, timeout: 1h30m, tmpfs: 100MB}}
     isolation: {{runtime: runsc, user: "1000:1000"}}
 target:
@@ -505,7 +505,7 @@ run:
     reader, writer = config.source.reader, config.target.writer
     assert isinstance(reader, PythonPlugin)
     assert isinstance(writer, ImagePlugin)
-    assert reader.config == {"table": "orders", "password": "x", "nested": {"a": [1, 2]}}
+    assert reader.config == {"table": "orders", "password": "${PGPASS}", "nested": {"a": [1, 2]}}
     assert reader.resources.memory == 512 * 1024**2
     assert reader.resources.timeout == 5400.0
     assert reader.resources.tmpfs == 100_000_000

@@ -424,10 +424,51 @@ class _PluginBase(_Model):
         examples=[["db.example.com:5432"]],
     )
 
+    @field_validator("config", mode="after")
+    @classmethod
+    def _check_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
+        where = _plain_secret(value, "")
+        if where is not None:
+            raise Problem(
+                f"`{where}` looks like a secret written in plain text; write `${{ENV_VAR}}` "
+                "and set the variable for `dativo run` (the supervisor expands it and hands it "
+                "to the plugin over its socket only)",
+                show_input=False,
+            )
+        return value
+
     @property
     def display_name(self) -> str:
         """A short name for messages: `builtin:files`, `image:myorg/pg@sha256:abcd…`."""
         raise NotImplementedError
+
+
+_PLUGIN_SECRET_WORDS = ("password", "passwd", "secret", "token", "credential", "api_key", "apikey")
+
+
+def _plain_secret(value: object, path: str) -> str | None:
+    """The path of the first config entry whose key names a secret but whose value is a plain
+    string rather than a `${VAR}` reference, or None."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            folded = str(key).lower().replace("-", "_")
+            if (
+                isinstance(item, str)
+                and item
+                and any(word in folded for word in _PLUGIN_SECRET_WORDS)
+                and _ENV_REF.fullmatch(item) is None
+            ):
+                return where
+            found = _plain_secret(item, where)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _plain_secret(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
 
 
 class BuiltinPlugin(_PluginBase):

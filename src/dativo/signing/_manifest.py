@@ -182,10 +182,43 @@ def _version(value: object) -> object:
 
 
 def _destination(value: object) -> object:
+    """A declared destination: `host:port`, or a pattern (`*:5432`, `*.example.com:443`,
+    `db.example.com:*`, `*:*`) for a generic connector whose job names the actual host."""
+    if isinstance(value, str) and "*" in value:
+        host, colon, port = value.rpartition(":")
+        if not colon or not (port == "*" or (port.isdigit() and 1 <= int(port) <= 65535)):
+            raise ValueError("expected `host:port`, where port is a number or `*`")
+        if host != "*":
+            if "*" in host.removeprefix("*."):
+                raise ValueError("only `*` or a leading `*.` may stand for part of a host")
+            concrete = host.replace("*.", "x.", 1) + ":1"
+            if parse_destination(concrete) != concrete:
+                raise ValueError("write the host in lower case")
+        return value
     normalised = parse_destination(value)
     if normalised != value:
         raise ValueError(f"write the destination as `{normalised}`")
     return value
+
+
+def network_allows(declared: tuple[str, ...], destination: str) -> bool:
+    """Whether a normalised grant `host:port` falls within the manifest's declared destinations.
+
+    `*` as the host matches any host (names and addresses); `*.example.com` matches names
+    under example.com (not example.com itself); `*` as the port matches any port.
+    """
+    host, _, port = destination.rpartition(":")
+    for entry in declared:
+        if entry == destination:
+            return True
+        want_host, _, want_port = entry.rpartition(":")
+        if want_port not in ("*", port):
+            continue
+        if want_host in ("*", host):
+            return True
+        if want_host.startswith("*.") and host.endswith(want_host[1:]) and not host.startswith("["):
+            return True
+    return False
 
 
 def _secret_key(value: object) -> object:
@@ -212,7 +245,12 @@ class Manifest(_Model):
     )
     description: str = Field(default="", max_length=2000, description="One paragraph.")
     network: tuple[Annotated[str, BeforeValidator(_destination)], ...] = Field(
-        default=(), max_length=64, description="`host:port` destinations a job may grant."
+        default=(),
+        max_length=64,
+        description=(
+            "`host:port` destinations a job may grant; `*` stands for any host or any port "
+            "(`*:5432`), `*.example.com` for any name under example.com."
+        ),
     )
     resources: ManifestResources = Field(description="Default and maximum resources.")
     config_schema: dict[str, Any] = Field(

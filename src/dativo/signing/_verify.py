@@ -31,6 +31,7 @@ from dativo.signing._manifest import (
     canonical_json,
     loads_strict,
     manifest_digest,
+    network_allows,
     parse_manifest,
 )
 from dativo.signing._trust import TrustStore, load_trust, signatures_dir
@@ -641,7 +642,9 @@ def _check_grants(
     # Local code (`type: python`, only ever run under `allow_unsigned_local`) has no manifest
     # for anyone to review: the job's grant is all there is, and the supervisor says so loudly.
     extra = (
-        [] if manifest is None and local_code else [d for d in grants.network if d not in declared]
+        []
+        if manifest is None and local_code
+        else [d for d in grants.network if not network_allows(declared, d)]
     )
     if extra:
         what = (

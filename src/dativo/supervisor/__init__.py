@@ -171,13 +171,14 @@ class _Session:
         return self._channel
 
     def error(self, message: str, rule: str, hint: str | None = None) -> PluginError:
+        logs = self.process.logs()
         return PluginError(
-            _printable(message),
+            _printable(self.launch.redact(message)),
             plugin=self.name,
             role=self.launch.role,  # type: ignore[arg-type]
             rule=rule,
             hint=hint,
-            logs=self.process.logs() or None,
+            logs=self.launch.redact(logs) if logs else None,
         )
 
     def timeout_error(self) -> PluginError:
@@ -233,7 +234,7 @@ class _Session:
             return
         self._tokens -= 1
         level = getattr(logging, message.level.upper(), logging.INFO)
-        text = _printable(message.message[:2000])
+        text = _printable(self.launch.redact(message.message)[:2000])
         plugin_log.log(level, "[%s] %s", self.launch.role, text)
 
     def report_dropped_logs(self) -> None:
@@ -314,7 +315,8 @@ class _Session:
     def from_error_message(self, message: v1.Error) -> PluginError:
         breach = self.breach()
         if breach is not None:
-            breach.message += f"; then the plugin reported: {_printable(message.message[:500])}"
+            said = self.launch.redact(message.message)
+            breach.message += f"; then the plugin reported: {_printable(said[:500])}"
             return breach
         hint = f"fix `{self.launch.field_path}.config`" if message.category == "config" else None
         error = self.error(message.message, message.category, hint)
@@ -323,7 +325,7 @@ class _Session:
             log.debug(
                 "%s plugin traceback:\n%s",
                 self.launch.role,
-                _printable(message.detail, keep_newlines=True),
+                _printable(self.launch.redact(message.detail), keep_newlines=True),
             )
         return error
 
@@ -650,7 +652,7 @@ class _Run:
         init = v1.Init(
             protocol=v1.PROTOCOL_VERSION,
             run_id=self.run_id,
-            config=dict(launch.spec.config),
+            config=dict(launch.config),
             state=state,
             batch_size=self.job.run.batch_size,
             max_frame_bytes=self.job.run.max_frame_bytes,
@@ -915,7 +917,7 @@ class _Run:
                             v1.Init(
                                 protocol=v1.PROTOCOL_VERSION,
                                 run_id=self.run_id,
-                                config=dict(reader.launch.spec.config),
+                                config=dict(reader.launch.config),
                                 state=message.state,
                                 batch_size=limits.batch_size,
                                 max_frame_bytes=limits.max_frame_bytes,

@@ -6,9 +6,11 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import socket
 import sys
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -67,10 +69,22 @@ class Launch:
     input_dir: Path | None = None
     output_dir: Path | None = None
     command: tuple[str, ...] = ()  # the container's command (after the image's entrypoint)
+    # The plugin's `config` with every `${NAME}` reference expanded from the supervisor's
+    # environment. It travels only in the `init` message over the plugin's socket: never in the
+    # container's environment, labels, command line or logs.
+    config: Mapping[str, Any] = field(default_factory=dict)
+    # The values those references expanded to, masked in everything the plugin says.
+    secrets: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
         return self.spec.display_name
+
+    def redact(self, text: str) -> str:
+        """`text` with every expanded secret value replaced by `***`."""
+        for value in self.secrets:
+            text = text.replace(value, "***")
+        return text
 
 
 def resolve(job: JobConfig, role: str, staging: Path | None) -> Launch:
@@ -101,6 +115,8 @@ def resolve(job: JobConfig, role: str, staging: Path | None) -> Launch:
         image, impl, path = spec.image, spec.implementation, None
     else:  # pragma: no cover - the config union is closed
         raise ConfigError(f"unknown plugin type for `{field_path}`")
+    secrets: list[str] = []
+    config = expand_config(spec.config, f"{field_path}.config", secrets)
     return Launch(
         role=role,
         spec=spec,
@@ -111,7 +127,48 @@ def resolve(job: JobConfig, role: str, staging: Path | None) -> Launch:
         input_dir=input_dir,
         output_dir=output_dir,
         command=() if isinstance(spec, BuiltinPlugin) or impl is None else (impl,),
+        config=config,
+        secrets=tuple(sorted(set(secrets), key=len, reverse=True)),
     )
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_MIN_SECRET = 3  # shorter values would mask ordinary words
+
+
+def expand_config(
+    value: Any, field_path: str, secrets: list[str], environ: Mapping[str, str] | None = None
+) -> Any:
+    """`value` (a plugin's config) with `${NAME}` in every string replaced from the environment.
+
+    Each expanded value is appended to `secrets` (when at least 3 characters long), so the
+    supervisor can mask it in what the plugin logs or reports.
+
+    Raises:
+        ConfigError: a referenced variable is not set; the message names the variable and the
+            config key, never a value.
+    """
+    env = os.environ if environ is None else environ
+    if isinstance(value, str):
+
+        def replace(match: re.Match[str]) -> str:
+            name = match[1]
+            if name not in env:
+                raise ConfigError(
+                    f"`{field_path}` refers to the environment variable `{name}`, which is not "
+                    "set; set it for the supervisor (`dativo run`); nothing was started",
+                    field=field_path,
+                )
+            if len(env[name]) >= _MIN_SECRET:
+                secrets.append(env[name])
+            return env[name]
+
+        return _ENV_REF.sub(replace, value)
+    if isinstance(value, Mapping):
+        return {k: expand_config(v, f"{field_path}.{k}", secrets, env) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [expand_config(v, f"{field_path}[{i}]", secrets, env) for i, v in enumerate(value)]
+    return value
 
 
 def verify_launch(launch: Launch, image: ImageInfo) -> tuple[Launch, VerifiedPlugin]:

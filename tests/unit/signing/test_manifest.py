@@ -94,6 +94,9 @@ def test_a_valid_manifest_parses_units() -> None:
         ({"entrypoint": []}, "`entrypoint`"),
         ({"network": ["db"]}, "`network[0]`: expected `host:port`"),
         ({"network": ["DB:5432"]}, "write the destination as `db:5432`"),
+        ({"network": ["*:http"]}, "port is a number or `*`"),
+        ({"network": ["db.*.com:5432"]}, "only `*` or a leading `*.`"),
+        ({"network": ["*.Example.com:443"]}, "write the host in lower case"),
         ({"secrets": ["a b"]}, "`secrets[0]`"),
         ({"colour": "red"}, "`colour`: unknown field"),
         (
@@ -128,3 +131,25 @@ def test_builtin_manifests_are_valid(name: str) -> None:
     assert parsed.entrypoint[-1] == BUILTINS[name][1]
     assert parsed.network == ()
     assert parsed.config_schema["type"] == "object"
+
+
+@pytest.mark.parametrize(
+    ("declared", "destination", "allowed"),
+    [
+        (("db.example.com:5432",), "db.example.com:5432", True),
+        (("db.example.com:5432",), "db.example.com:5433", False),
+        (("*:5432",), "10.0.0.7:5432", True),
+        (("*:5432",), "db.example.com:6432", False),
+        (("*:*",), "[2001:db8::1]:443", True),
+        (("*.example.com:443",), "api.example.com:443", True),
+        (("*.example.com:443",), "example.com:443", False),
+        (("*.example.com:443",), "api.example.com.evil.net:443", False),
+        (("db.example.com:*",), "db.example.com:15432", True),
+        ((), "db.example.com:5432", False),
+    ],
+)
+def test_network_patterns(declared: tuple[str, ...], destination: str, allowed: bool) -> None:
+    from dativo.signing._manifest import network_allows
+
+    assert parse_manifest(manifest(network=list(declared))).network == declared
+    assert network_allows(declared, destination) is allowed
