@@ -14,7 +14,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.dativo-venv-stamp
 # Besides `.[dev]`: what integration tests and examples use.
-VENV_EXTRAS := pyiceberg testcontainers boto3 cryptography 'psycopg[binary]'
+VENV_EXTRAS := pyiceberg testcontainers boto3 cryptography 'psycopg[binary]' psycopg2-binary
 
 PYTEST := $(PY) -m pytest
 PYTEST_FLAGS ?=
