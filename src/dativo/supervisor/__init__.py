@@ -394,6 +394,7 @@ class _Run:
         self.store = store
         self.run_id = report.run_id
         self.processes: list[PluginProcess] = []
+        self.sessions: list[_Session] = []
         self.channels: list[v1.Channel] = []
         self.end_sent = False
         self.failure: DativoError | None = None
@@ -495,6 +496,10 @@ class _Run:
                     **self.report.plugins.get(role, {}),
                     **process.describe(),
                 }
+            for session in self.sessions:
+                peak = session.counters.get("memory_peak")
+                if peak is not None:  # the container's high-water mark, as last sampled
+                    self.report.plugins[session.launch.role]["peak_memory_bytes"] = peak
             for role, network in self.networks.items():
                 network.close()
                 self.report.plugins.setdefault(role, {})["network"] = network.report()
@@ -616,6 +621,7 @@ class _Run:
         channel = v1.Channel(sock, max_frame_bytes=self.job.run.max_frame_bytes)
         self.channels.append(channel)
         session = _Session(launch, process, channel, started)
+        self.sessions.append(session)
         try:
             hello = session.channel.recv_control(deadline=deadline)
         except TimeoutError:
