@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 #: Names of the built-in plugins, per role, in the order they are documented.
-READER_BUILTINS: tuple[str, ...] = ("files", "generate")
+READER_BUILTINS: tuple[str, ...] = ("files", "generate", "http")
 WRITER_BUILTINS: tuple[str, ...] = ("parquet", "null")
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
@@ -521,10 +521,11 @@ class BuiltinPlugin(_PluginBase):
 class BuiltinReader(BuiltinPlugin):
     """A reader shipped with Dativo."""
 
-    name: Literal["files", "generate"] = Field(
+    name: Literal["files", "generate", "http"] = Field(
         description=(
             "`files` reads the input files mounted from `source.files`; `generate` produces "
-            "rows without any input."
+            "rows without any input; `http` reads a JSON HTTP API (grant its `host:port` "
+            "under `network`)."
         )
     )
     role: ClassVar[Literal["reader", "writer"] | None] = "reader"
