@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dativo.config import parse_job
+from dativo.connectors import http as http_reader
 from dativo.connectors.http import HttpReader, parse_link_header
 from dativo.errors import PluginError
 from dativo.sdk import NetworkDestination, PluginConfigError, PluginContext, SourceError
@@ -50,7 +53,7 @@ Handler = Callable[[Request], Reply]
 class Api:
     """A local HTTP server on 127.0.0.1; each test scripts `handler`."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.requests: list[Request] = []
         self.handler: Handler = lambda _req: Reply(404, {"error": "no handler"})
         api = self
@@ -85,6 +88,8 @@ class Api:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(
             target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -323,6 +328,119 @@ def test_config_errors(config: dict[str, Any], message: str) -> None:
     with pytest.raises(PluginConfigError) as caught:
         HttpReader().initialize(config, context)
     assert message in str(caught.value)
+
+
+@dataclass
+class Pki:
+    ca_file: Path
+    server: ssl.SSLContext
+    server_names: list[str | None]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A private CA and a server certificate for `api.example.test` signed by it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory = tmp_path_factory.mktemp("pki")
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(text: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("test ca"))
+        .issuer_name(name("test ca"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("api.example.test"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("api.example.test")]), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .add_extension(x509.ExtendedKeyUsage([x509.OID_SERVER_AUTH]), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    (directory / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (directory / "server.pem").write_bytes(cert.public_bytes(pem))
+    (directory / "server.key").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(directory / "server.pem", directory / "server.key")
+    names: list[str | None] = []
+
+    def record_sni(_sock: ssl.SSLObject, sni: str | None, _ctx: ssl.SSLContext) -> None:
+        names.append(sni)
+
+    server.sni_callback = record_sni
+    return Pki(directory / "ca.pem", server, names)
+
+
+@pytest.fixture
+def https_api(pki: Pki, monkeypatch: pytest.MonkeyPatch) -> Iterator[Api]:
+    """An https server for `api.example.test`; the reader trusts the test CA only."""
+
+    def trust_test_ca() -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(pki.ca_file))
+
+    monkeypatch.setattr(http_reader, "tls_context", trust_test_ca)
+    pki.server_names.clear()
+    server = Api(tls=pki.server)
+    yield server
+    server.close()
+
+
+def https_read(api: Api, host: str) -> Result:
+    grant = f"{host}:443"
+    network = {grant: NetworkDestination(grant, "127.0.0.1", api.port)}
+    context = PluginContext(run_id="r1", role="reader", network=network)
+    reader = HttpReader()
+    reader.initialize({"url": f"https://{host}/v1/items", "retry": {"attempts": 1}}, context)
+    schema = reader.get_schema()
+    batches = list(reader.read_batch(100))
+    return Result(pa.Table.from_batches(batches, schema=schema), None, [], [])
+
+
+def test_https_verifies_the_original_host_through_the_destination(https_api: Api, pki: Pki) -> None:
+    https_api.handler = lambda _req: Reply(body=ROWS)
+    assert ids(https_read(https_api, "api.example.test")) == list(range(1, 8))
+    assert pki.server_names == ["api.example.test"]  # SNI: the URL's host, not 127.0.0.1
+    assert https_api.requests[0].headers["host"] == "api.example.test"
+
+
+def test_https_refuses_a_certificate_for_another_host(https_api: Api) -> None:
+    https_api.handler = lambda _req: Reply(body=ROWS)
+    with pytest.raises(SourceError) as caught:
+        https_read(https_api, "other.example.test")
+    assert "TLS certificate is not valid for `other.example.test`" in str(caught.value)
+    assert https_api.requests == []
 
 
 # -- retries ------------------------------------------------------------------------------------
