@@ -25,6 +25,7 @@ client package. See docs/http-api.md.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as dt
 import email.utils
@@ -492,6 +493,7 @@ class HttpReader(DataReader):
         self._max: Any = None  # the largest incremental value seen so far
         self._max_key: tuple[int, Any] | None = None
         self._ignored: set[str] = set()
+        self._saved_schema: pa.Schema | None = None
         self._secrets: list[str] = []
         #: Waits between tries; tests replace it to record the delays instead.
         self.sleep = time.sleep
@@ -548,7 +550,11 @@ class HttpReader(DataReader):
         cfg = self._cfg()
         if cfg.incremental is None or self._max is None:
             return None
-        return {"field": cfg.incremental.field, "cursor": self._max}
+        state: dict[str, Any] = {"field": cfg.incremental.field, "cursor": self._max}
+        if self._declared is None and self._schema is not None and len(self._schema):
+            # A later run with no new records still declares these columns.
+            state["schema"] = base64.b64encode(self._schema.serialize().to_pybytes()).decode()
+        return state
 
     def close(self) -> None:
         self._pages = None
@@ -568,6 +574,10 @@ class HttpReader(DataReader):
         if not state:
             return inc.start
         cursor = state.get("cursor")
+        saved = state.get("schema")
+        if isinstance(saved, str):
+            with contextlib.suppress(ValueError, pa.ArrowException):
+                self._saved_schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(saved)))
         if not isinstance(state.get("field"), str) or _order_key(cursor) is None:
             raise SourceError(
                 "the saved incremental state of this job is not of the form "
@@ -581,6 +591,7 @@ class HttpReader(DataReader):
                 inc.field,
                 state["field"],
             )
+            self._saved_schema = None
             return inc.start
         return cursor
 
@@ -596,15 +607,15 @@ class HttpReader(DataReader):
         for number, records in self._page_iter():
             if records:
                 schema = self._infer_page(records, number)
-                # The empty pages before it are replayed too, for the incremental cursor.
                 self._first = (number, records)
                 return schema
-        self._log().warning(
-            "the API returned no records, so there is nothing to infer a schema from; the "
-            "run writes no rows (declare `schema` to get an empty table with columns)"
+        if self._saved_schema is not None:
+            self._log().info("no new records; declaring the columns of the last run")
+            return self._saved_schema
+        raise SourceError(
+            "the API returned no records, so there is no schema to infer (and no earlier run "
+            "saved one); declare `schema` (column -> type) to read an empty result"
         )
-        self._pages = iter(())
-        return pa.schema([])
 
     def _fetch_pages(self) -> Iterator[tuple[int, list[Any]]]:
         """(page number from 1, records) of every page, following the pagination."""

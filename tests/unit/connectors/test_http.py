@@ -8,14 +8,11 @@ import json
 import logging
 import socket
 import ssl
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,87 +23,11 @@ from dativo.connectors import http as http_reader
 from dativo.connectors.http import HttpReader, parse_link_header
 from dativo.errors import PluginError
 from dativo.sdk import NetworkDestination, PluginConfigError, PluginContext, SourceError
+from dativo.state import StateStore
 from dativo.supervisor import RunOptions, run_job
+from tests.http_api import Api, Handler, Reply, Request
 
 TOKEN = "s3cr3t-token-never-shown"
-
-
-@dataclass
-class Request:
-    method: str
-    path: str
-    query: dict[str, str]
-    headers: dict[str, str]
-    body: bytes
-
-
-@dataclass
-class Reply:
-    status: int = 200
-    body: Any = None
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-Handler = Callable[[Request], Reply]
-
-
-class Api:
-    """A local HTTP server on 127.0.0.1; each test scripts `handler`."""
-
-    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
-        self.requests: list[Request] = []
-        self.handler: Handler = lambda _req: Reply(404, {"error": "no handler"})
-        api = self
-
-        class _Handler(BaseHTTPRequestHandler):
-            def _serve(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                parts = urlsplit(self.path)
-                request = Request(
-                    method=self.command,
-                    path=parts.path,
-                    query=dict(parse_qsl(parts.query)),
-                    headers={k.lower(): v for k, v in self.headers.items()},
-                    body=self.rfile.read(length),
-                )
-                api.requests.append(request)
-                reply = api.handler(request)
-                body = reply.body
-                if not isinstance(body, bytes):
-                    body = json.dumps(body).encode()
-                self.send_response(reply.status)
-                headers = {"Content-Type": "application/json", **reply.headers}
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            do_GET = do_POST = _serve
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        if tls is not None:
-            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
-
-    @property
-    def destination(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def url(self, path: str = "/items") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
 
 
 @pytest.fixture
@@ -658,12 +579,21 @@ def test_a_declared_schema_casts_every_page(api: Api) -> None:
     assert str(table.column("amount").to_pylist()[0]) == "12.50"
 
 
-def test_no_records_at_all_reads_nothing(api: Api) -> None:
+def test_no_records_needs_a_declared_schema(api: Api) -> None:
     api.handler = lambda _req: Reply(body=[])
-    assert read(api, {}).table.num_rows == 0
+    with pytest.raises(SourceError, match="no schema to infer"):
+        read(api, {})
+    result = read(api, {"schema": {"id": "int64"}})
+    assert result.table.num_rows == 0
+    assert result.table.schema == pa.schema([("id", pa.int64())])
 
 
 # -- incremental --------------------------------------------------------------------------------
+
+
+def cursor(state: dict[str, Any] | None) -> dict[str, Any]:
+    assert state is not None
+    return {k: v for k, v in state.items() if k != "schema"}
 
 
 class Changes:
@@ -699,7 +629,7 @@ def test_incremental_across_three_runs(api: Api) -> None:
     changes.rows = {1: "2024-01-02T00:00:00Z", 2: "2024-01-03T00:00:00Z", 3: "2024-01-04T00:00:00Z"}
     first = read(api, config)
     assert sorted(ids(first)) == [1, 2, 3]
-    assert first.state == {"field": "updated_at", "cursor": "2024-01-04T00:00:00Z"}
+    assert cursor(first.state) == {"field": "updated_at", "cursor": "2024-01-04T00:00:00Z"}
     assert api.requests[0].query["updated_since"] == "2024-01-01T00:00:00Z"
 
     changes.rows[2] = "2024-01-05T00:00:00Z"  # updated
@@ -707,11 +637,12 @@ def test_incremental_across_three_runs(api: Api) -> None:
     api.requests.clear()
     second = read(api, config, state=first.state)
     assert sorted(ids(second)) == [2, 4]
-    assert second.state == {"field": "updated_at", "cursor": "2024-01-06T00:00:00Z"}
+    assert cursor(second.state) == {"field": "updated_at", "cursor": "2024-01-06T00:00:00Z"}
     assert {r.query["updated_since"] for r in api.requests} == {"2024-01-04T00:00:00Z"}
 
     third = read(api, config, state=second.state)
     assert third.table.num_rows == 0
+    assert third.table.schema == first.table.schema  # remembered: nothing to infer from
     assert third.state == second.state
 
 
@@ -725,7 +656,7 @@ def test_incremental_compares_timestamps_not_text(api: Api) -> None:
     )
     config = {"incremental": {"field": "ts", "param": "since"}}
     result = read(api, config)
-    assert result.state == {"field": "ts", "cursor": "2024-01-01T11:00:00Z"}
+    assert cursor(result.state) == {"field": "ts", "cursor": "2024-01-01T11:00:00Z"}
     assert "since" not in api.requests[0].query  # no start, no state: everything
 
 
@@ -733,7 +664,7 @@ def test_incremental_numbers(api: Api) -> None:
     api.handler = lambda _req: Reply(body=[{"id": 1, "v": 9}, {"id": 2, "v": 10}])
     config = {"incremental": {"field": "v", "param": "after"}}
     result = read(api, config, state={"field": "v", "cursor": 8})
-    assert result.state == {"field": "v", "cursor": 10}
+    assert cursor(result.state) == {"field": "v", "cursor": 10}
     assert api.requests[0].query["after"] == "8"
 
 
@@ -816,3 +747,41 @@ def test_a_failed_run_never_shows_the_token(
         run_job(job, RunOptions(in_process=True))
     assert "HTTP 403" in str(caught.value)
     assert TOKEN not in str(caught.value)
+
+
+def test_incremental_runs_through_the_supervisor_save_the_cursor(api: Api, tmp_path: Path) -> None:
+    changes = Changes()
+    changes.rows = {1: "2024-01-02T00:00:00Z", 2: "2024-01-03T00:00:00Z", 3: "2024-01-04T00:00:00Z"}
+    api.handler = changes.handler
+    job = parse_job(
+        {
+            "version": 1,
+            "name": "http-incremental",
+            "source": {
+                "reader": {
+                    "type": "builtin",
+                    "name": "http",
+                    "network": [api.destination],
+                    "config": {
+                        "url": api.url(),
+                        "records": "data",
+                        "pagination": {"type": "offset", "limit": 2},
+                        "incremental": {"field": "updated_at", "param": "updated_since"},
+                    },
+                }
+            },
+            "target": {"path": "out", "writer": {"type": "builtin", "name": "parquet"}},
+        },
+        base_dir=tmp_path,
+    )
+    first = run_job(job, RunOptions(in_process=True))
+    second = run_job(job, RunOptions(in_process=True))  # nothing changed: no rows, no columns
+    changes.rows[3] = "2024-01-09T00:00:00Z"
+    third = run_job(job, RunOptions(in_process=True))
+    assert (first.rows, second.rows, third.rows) == (3, 0, 1)
+    saved = StateStore(job.state_path).describe("http-incremental")
+    assert saved is not None
+    assert cursor(saved["state"]) == {"field": "updated_at", "cursor": "2024-01-09T00:00:00Z"}
+    files = sorted(p for p in (tmp_path / "out").rglob("*.parquet") if ".dativo" not in str(p))
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    assert sorted(table.column("id").to_pylist()) == [1, 2, 3, 3]
