@@ -929,19 +929,25 @@ class HttpReader(DataReader):
         return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
     def _cast(self, values: list[Any], field: pa.Field, number: int) -> pa.Array:
-        try:
-            return pa.array(values, type=field.type)
-        except _ARROW_ERRORS:
-            pass
+        # Infer, then cast with checks: `pa.array(values, type=int64)` would truncate 2.5 to 2.
+        nested = pa.types.is_struct(field.type) or pa.types.is_list(field.type)
         try:
             try:
                 array = pa.array(values)
             except _ARROW_ERRORS:
+                if nested:
+                    return pa.array(values, type=field.type)
                 # Mixed JSON scalars (`"1"` and `2`): read them all as text, then cast.
                 if not all(v is None or isinstance(v, str | int | float) for v in values):
                     raise
                 array = pa.array([None if v is None else _param_text(v) for v in values])
-            return pc.cast(array, field.type, safe=True)
+            try:
+                return pc.cast(array, field.type, safe=True)
+            except _ARROW_ERRORS:
+                if not nested:
+                    raise
+                # Objects with other keys than the first page's: missing ones are null.
+                return pa.array(values, type=field.type)
         except _ARROW_ERRORS as exc:
             example = next((v for v in values if v is not None and not _fits(v, field.type)), None)
             shown = "" if example is None else f" (e.g. {_short(example)})"

@@ -559,20 +559,43 @@ def test_a_value_that_does_not_cast_names_field_and_page(api: Api) -> None:
     assert "Declare its type under `schema`" in message
 
 
+def test_a_fraction_is_not_truncated_into_an_integer(api: Api) -> None:
+    api.handler = paged([{"id": 1, "n": 1}], [{"id": 2, "n": 2.5}])
+    with pytest.raises(SourceError, match="page 2: field `n` cannot be read as int64"):
+        read(api, {"pagination": {"type": "page"}})
+
+
+def test_struct_columns_take_objects_with_other_keys(api: Api) -> None:
+    api.handler = paged(
+        [{"id": 1, "user": {"name": "ann", "age": 3}}], [{"id": 2, "user": {"name": "bob"}}]
+    )
+    table = read(api, {"pagination": {"type": "page"}, "nested": "struct"}).table
+    assert table.column("user").to_pylist() == [
+        {"name": "ann", "age": 3},
+        {"name": "bob", "age": None},
+    ]
+
+
 def test_a_declared_schema_casts_every_page(api: Api) -> None:
     api.handler = lambda _req: Reply(
         body=[
             {"id": "1", "at": "2024-05-01T10:00:00Z", "amount": "12.50", "other": 1},
-            {"id": 2, "at": "2024-05-02T11:30:00+00:00", "amount": 3},
+            {"id": 2, "at": "2024-05-02T11:30:00+00:00", "amount": 3, "day": "2024-05-02"},
         ]
     )
-    schema = {"id": "int64", "at": "timestamp[us, UTC]", "amount": "decimal128(10,2)"}
+    schema = {
+        "id": "int64",
+        "at": "timestamp[us, UTC]",
+        "amount": "decimal128(10,2)",
+        "day": "date32",
+    }
     table = read(api, {"schema": schema}).table
     assert table.schema == pa.schema(
         [
             ("id", pa.int64()),
             ("at", pa.timestamp("us", tz="UTC")),
             ("amount", pa.decimal128(10, 2)),
+            ("day", pa.date32()),
         ]
     )
     assert table.column("id").to_pylist() == [1, 2]
