@@ -17,7 +17,8 @@ cast to it. Nested objects are flattened into `a.b` columns (`nested: flatten`) 
 structs (`nested: struct`); arrays stay lists.
 
 Incremental mode sends the saved cursor as a query parameter and saves the largest value of
-`incremental.field` seen (ISO-8601 timestamps or numbers) as `{"field": ..., "cursor": ...}`.
+`incremental.field` seen (ISO-8601 timestamps or numbers) as `{"field": ..., "cursor": ...}`,
+with the inferred schema, which a later run that finds no new records declares.
 
 Only the standard library speaks HTTP here (`http.client`, `ssl`): the plugin image has no HTTP
 client package. See docs/http-api.md.
