@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 #: Names of the built-in plugins, per role, in the order they are documented.
-READER_BUILTINS: tuple[str, ...] = ("files", "generate", "postgres")
+READER_BUILTINS: tuple[str, ...] = ("files", "generate", "postgres", "http")
 WRITER_BUILTINS: tuple[str, ...] = ("parquet", "null")
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
@@ -521,11 +521,11 @@ class BuiltinPlugin(_PluginBase):
 class BuiltinReader(BuiltinPlugin):
     """A reader shipped with Dativo."""
 
-    name: Literal["files", "generate", "postgres"] = Field(
+    name: Literal["files", "generate", "postgres", "http"] = Field(
         description=(
             "`files` reads the input files mounted from `source.files`; `generate` produces "
             "rows without any input; `postgres` reads a PostgreSQL table or query (grant its "
-            "`host:port` in `network`)."
+            "`host:port` in `network`); `http` reads a JSON HTTP API (grant its `host:port` too)."
         )
     )
     role: ClassVar[Literal["reader", "writer"] | None] = "reader"

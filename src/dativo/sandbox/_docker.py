@@ -233,9 +233,9 @@ def _read_counters(proc_cgroup: list[str], container_id: str) -> dict[str, int]:
                     counters[name] = value // 1000 if key == "throttled_time" else value
         for controller, filename, _, name in _PEAKS:
             if controller in v1:
-                path = _CGROUP_ROOT / controller / v1[controller].lstrip("/") / filename
+                peak_file = _CGROUP_ROOT / controller / v1[controller].lstrip("/") / filename
                 with contextlib.suppress(OSError, ValueError):
-                    counters[name] = int(path.read_text())
+                    counters[name] = int(peak_file.read_text())
     elif v2 is not None:
         directory = _CGROUP_ROOT / v2.lstrip("/")
         for filename, key, name in _V2_COUNTERS:

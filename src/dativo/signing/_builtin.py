@@ -19,6 +19,7 @@ _DESCRIPTIONS = {
         "Reads a PostgreSQL table or query (binary COPY into Arrow through ADBC's libpq "
         "driver); reaches only the destinations the job grants."
     ),
+    "http": "Reads JSON HTTP APIs page by page; the job grants the hosts (`network`).",
     "parquet": "Writes Parquet files into its staging directory for the supervisor to publish.",
     "null": "Discards every row.",
 }
@@ -26,6 +27,7 @@ _CONFIG_MODELS = {
     "files": "dativo.connectors.files:FileReaderConfig",
     "generate": "dativo.connectors.generate:GenerateConfig",
     "postgres": "dativo.connectors.postgres:PostgresConfig",
+    "http": "dativo.connectors.http:HttpReaderConfig",
     "parquet": "dativo.connectors.parquet:ParquetWriterConfig",
     "null": "dativo.connectors.null:NullWriterConfig",
 }
@@ -33,7 +35,7 @@ _CONFIG_MODELS = {
 # data of any size, and the job file is where an operator narrows them.
 # Network connectors may reach whatever the job grants (the grant is the control; the job file
 # is the operator's); the others need no network at all.
-_NETWORK = {"postgres": ["*:*"]}
+_NETWORK = {"postgres": ["*:*"], "http": ["*:*"]}
 _SECRETS = {"postgres": ["password"]}
 _DEFAULT = {"cpus": 1.0, "memory": "1GiB", "pids": 128, "timeout": "1h"}
 _MAX = {"cpus": 64.0, "memory": "64GiB", "pids": 4096, "timeout": "7d"}
