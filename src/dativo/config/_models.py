@@ -453,13 +453,16 @@ def _plain_secret(value: object, path: str) -> str | None:
         for key, item in value.items():
             where = f"{path}.{key}" if path else str(key)
             folded = str(key).lower().replace("-", "_")
-            if (
-                isinstance(item, str)
-                and item
-                and any(word in folded for word in _PLUGIN_SECRET_WORDS)
-                and _ENV_REF.fullmatch(item) is None
-            ):
-                return where
+            if isinstance(item, str) and item:
+                if folded in ("authorization", "proxy_authorization"):
+                    # `Bearer ${TOKEN}`: the scheme may be written out, the credential not.
+                    if _ENV_REF.search(item) is None:
+                        return where
+                elif (
+                    any(word in folded for word in _PLUGIN_SECRET_WORDS)
+                    and _ENV_REF.fullmatch(item) is None
+                ):
+                    return where
             found = _plain_secret(item, where)
             if found is not None:
                 return found
