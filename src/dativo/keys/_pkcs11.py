@@ -20,7 +20,7 @@ from typing import Any
 
 import pkcs11
 from pkcs11 import Attribute, GCMParams, KeyType, Mechanism, ObjectClass
-from pkcs11.exceptions import NoSuchToken, PinIncorrect, PKCS11Error
+from pkcs11.exceptions import NoSuchToken, PinIncorrect, PKCS11Error, UserAlreadyLoggedIn
 
 from dativo.errors import ConfigError
 from dativo.keys._base import KeyServiceError, KeyVersion, Reason
@@ -90,7 +90,11 @@ class Pkcs11Keys:
         try:
             library = pkcs11.lib(str(self.module))
             token = library.get_token(token_label=self.token)
-            self._session = token.open(user_pin=self._pin)
+            try:
+                self._session = token.open(user_pin=self._pin)
+            except UserAlreadyLoggedIn:
+                # PKCS#11 logins are per process: another session of ours logged in already.
+                self._session = token.open()
         except NoSuchToken:
             raise self._error(
                 "no such token: the HSM or its slot is not available", "unavailable"
