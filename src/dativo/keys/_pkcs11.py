@@ -88,7 +88,8 @@ class Pkcs11Keys:
         if not self.module.is_file():
             raise self._error("the PKCS#11 module does not exist", "config")
         try:
-            library = pkcs11.lib(str(self.module))
+            # One library instance per real file: PKCS#11 initialises a module once per process.
+            library = pkcs11.lib(str(self.module.resolve()))
             token = library.get_token(token_label=self.token)
             try:
                 self._session = token.open(user_pin=self._pin)

@@ -79,7 +79,7 @@ class SoftHsm:
 def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
     """A fresh SoftHSM2 token in a temporary directory; fails under CI=true when SoftHSM2 is
     missing (`make softhsm` installs it), skips otherwise."""
-    module = next((Path(m) for m in MODULES if Path(m).is_file()), None)
+    module = next((Path(m).resolve() for m in MODULES if Path(m).is_file()), None)
     tool = shutil.which("softhsm2-util")
     if module is None or tool is None:
         message = "SoftHSM2 is not installed; run `make softhsm` (apt-get install softhsm2)"
