@@ -121,8 +121,12 @@ class KmsKeys:
             ) from None
 
     def check(self, key_id: str) -> KeyVersion:
-        meta = self._call("DescribeKey", key_id, self.client.describe_key, KeyId=key_id)
-        info = meta["KeyMetadata"]
+        return KeyVersion(key_id, str(self._usable(key_id, key_id)["Arn"]))
+
+    def _usable(self, key_id: str, lookup: str) -> dict[str, Any]:
+        """The key's metadata, after checking it is enabled for encryption."""
+        meta = self._call("DescribeKey", key_id, self.client.describe_key, KeyId=lookup)
+        info: dict[str, Any] = meta["KeyMetadata"]
         if info.get("KeyState") != "Enabled" or not info.get("Enabled", True):
             raise KeyServiceError(
                 f"is {info.get('KeyState', 'not enabled')}; it wraps nothing",
@@ -137,7 +141,7 @@ class KmsKeys:
                 reason="refused",
                 key_id=key_id,
             )
-        return KeyVersion(key_id, str(info["Arn"]))
+        return info
 
     def wrap(self, key_id: str, plaintext: bytes) -> str:
         answer = self._call(
@@ -152,6 +156,9 @@ class KmsKeys:
 
     def unwrap(self, wrapped: str) -> bytes:
         parsed = parse_wrapped(wrapped, service=_NAME)
+        # The key's state is checked explicitly (fail closed): a disabled or deleted key
+        # unwraps nothing, whatever a KMS-compatible server's Decrypt would do.
+        self._usable(parsed.key_id, parsed.version)
         answer = self._call(
             "Decrypt",
             parsed.key_id,
