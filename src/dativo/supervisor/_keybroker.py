@@ -27,6 +27,9 @@ __all__ = ["KeyBroker"]
 log = logging.getLogger(__name__)
 
 _CONNECTION_DEADLINE = 10.0
+# Far above any real run (a wrap per column per file), low enough that a writer looping on
+# the broker cannot run up an unbounded KMS bill.
+MAX_WRAPS = 100_000
 
 
 class KeyBroker:
@@ -95,6 +98,8 @@ class KeyBroker:
             key_id, key = decode_request(line)
             if key_id not in self.key_ids:
                 raise BrokerError(f"key `{key_id[:100]}` is not one of this job's master keys")
+            if sum(self.wraps.values()) >= MAX_WRAPS:
+                raise BrokerError(f"more than {MAX_WRAPS:,} data keys asked for in one run")
         except BrokerError as exc:
             self.refused += 1
             log.warning("key broker: refused a request from the writer: %s", exc)

@@ -121,3 +121,14 @@ def test_a_closed_broker_answers_nothing(broker: tuple[KeyBroker, FileKeys]) -> 
     served.close()
     with pytest.raises(BrokerError, match="cannot reach"):
         wrap_key(str(served.path), "pii", b"k" * 32, timeout=2)
+
+
+def test_the_number_of_wraps_per_run_is_bounded(
+    broker: tuple[KeyBroker, FileKeys], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served, _ = broker
+    monkeypatch.setattr("dativo.supervisor._keybroker.MAX_WRAPS", 2)
+    wrap_key(str(served.path), "pii", b"k" * 32)
+    wrap_key(str(served.path), "pii", b"k" * 32)
+    with pytest.raises(BrokerError, match="more than 2 data keys"):
+        wrap_key(str(served.path), "pii", b"k" * 32)
