@@ -164,6 +164,13 @@ def test_a_modified_byte_fails_authentication_with_a_clear_error(
             read_encrypted(str(path), service)
     assert main(["audit", "verify", str(tmp_path / "out")]) == 1
     assert "modified or replaced" in capsys.readouterr().err
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(json.dumps(job_dict(tmp_path)))
+    assert main(["decrypt", str(path), "--job", str(job_file), "--head", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "authentication failed" in err
+    assert "was modified or the key is wrong" in err
+    assert "Traceback" not in err
 
 
 def test_a_wrong_key_cannot_read(tmp_path: Path) -> None:
