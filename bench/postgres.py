@@ -10,7 +10,8 @@ numeric(12,2), bool, date, timestamp, timestamptz; about 5% NULLs), measured as:
                  turned into Arrow record batches column by column (in a child process, for
                  its own peak RSS);
   (c) python     `dativo run` with the built-in `postgres` reader in its container, into the
-                 `null` writer and into the `parquet` writer;
+                 `null` writer and into the `parquet` writer; and once more into `null` with
+                 `parallel.workers: 2` (two connections sharing one snapshot);
   (d) rust       the same with `dativo/rust-postgres` (plugin-images/rust-postgres).
 
 Every client reaches the server at its container address on the services network (psql and
@@ -102,10 +103,13 @@ print(rows, nbytes, time.perf_counter() - started)
 """
 
 
-def job_yaml(reader: str, writer: str, pg: PostgresService, workdir: Path, batch: int) -> str:
+def job_yaml(
+    reader: str, writer: str, pg: PostgresService, workdir: Path, batch: int, workers: int = 1
+) -> str:
+    parallel = f", parallel: {{workers: {workers}}}" if workers > 1 else ""
     config = (
         f"{{host: {pg.container_ip}, port: 5432, database: {pg.database}, user: {pg.user}, "
-        f"password: '${{{PASSWORD_ENV}}}', table: bench, sslmode: disable}}"
+        f"password: '${{{PASSWORD_ENV}}}', table: bench, sslmode: disable{parallel}}}"
     )
     if reader == "python":
         spec = "type: builtin\n    name: postgres"
@@ -163,12 +167,12 @@ class Bench:
             raise RuntimeError(f"psycopg2 read {rows} rows, expected {self.args.rows}")
         return {"seconds": child.wall_seconds, "peak_mb": child.peak_rss_mb, "bytes": int(nbytes)}
 
-    def dativo(self, reader: str, writer: str) -> dict[str, Any]:
+    def dativo(self, reader: str, writer: str, workers: int = 1) -> dict[str, Any]:
         self.count += 1
         run_dir = self.workdir / f"run-{self.count}"
         run_dir.mkdir()
         job = run_dir / "job.yaml"
-        job.write_text(job_yaml(reader, writer, self.pg, run_dir, self.args.batch_size))
+        job.write_text(job_yaml(reader, writer, self.pg, run_dir, self.args.batch_size, workers))
         report_path = run_dir / "report.json"
         cmd = [PYTHON, "-m", "dativo", "run", str(job), "--json", str(report_path), "--quiet"]
         child = run_child(cmd, env=self.env, timeout=self.args.timeout).check()
@@ -197,6 +201,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=65_536, help="rows per batch")
     p.add_argument("--repeat", type=int, default=2, help="runs per measurement (best is kept)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per dativo run")
+    p.add_argument("--workers", type=int, default=2, help="parallel.workers of the extra run")
     p.add_argument("--skip-psycopg2", action="store_true", help="skip the slow baseline (b)")
     return p.parse_args(argv)
 
@@ -225,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_psycopg2:
             progress("(b) psycopg2 fetchmany into Arrow")
             results["psycopg2"] = bench.psycopg2()
+        progress(f"(c) python reader, parallel.workers: {args.workers} -> null")
+        results["python_parallel_null"] = best(
+            [bench.dativo("python", "null", args.workers) for _ in range(args.repeat)]
+        )
         readers = ["python", "rust"] if rust else ["python"]
         for reader in readers:
             for writer in ("null", "parquet"):
@@ -244,12 +253,15 @@ def main(argv: list[str] | None = None) -> int:
         b = results["psycopg2"]
         rows_out.append(["(b) psycopg2 fetchmany -> Arrow", b["seconds"], None, b["peak_mb"],
                          ratio("psycopg2")])  # fmt: skip
-    for reader in ("python", "rust"):
+    for reader in ("python", "python_parallel", "rust"):
         for writer in ("null", "parquet"):
             key = f"{reader}_{writer}"
             if key in results:
                 r = results[key]
-                label = f"({'c' if reader == 'python' else 'd'}) {reader} reader -> {writer}"
+                name = reader.replace("_parallel", f" reader ({args.workers} workers)")
+                label = f"({'d' if reader == 'rust' else 'c'}) {name} -> {writer}"
+                label = label.replace(") python ->", ") python reader ->")
+                label = label.replace(") rust ->", ") rust reader ->")
                 rows_out.append(
                     [label, r["seconds"], r["stream_seconds"], r["reader_peak_mb"], ratio(key)]
                 )
@@ -270,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             "results": results,
             "python_vs_floor": ratio("python_null"),
             "python_parquet_vs_floor": ratio("python_parquet"),
+            "python_parallel_vs_floor": ratio("python_parallel_null"),
             "rust_vs_floor": ratio("rust_null"),
             "rust_parquet_vs_floor": ratio("rust_parquet"),
             "python_speedup_vs_psycopg2": speedup,
