@@ -200,11 +200,17 @@ class Column:
 
     @property
     def select(self) -> str:
-        """How the COPY's select list names this column (uuid is cast to text by the server)."""
+        """How the COPY's select list names this column.
+
+        uuid is cast to text by the server (docs/postgres.md). numeric is too, in this reader
+        only: the driver's own decoding of binary numeric is its slowest path by far, and Arrow
+        parses the server's exact text into decimal128 (or keeps it) faster. The values are the
+        same either way.
+        """
         ref = f"dativo_src.{quote_ident(self.name)}"
-        if self.typname == "uuid":
+        if self.typname in ("uuid", "numeric"):
             return f"{ref}::text AS {quote_ident(self.name)}"
-        if self.typname == "_uuid":
+        if self.typname in ("_uuid", "_numeric"):
             return f"{ref}::text[] AS {quote_ident(self.name)}"
         return ref
 
@@ -252,15 +258,8 @@ def _storage(array: pa.Array) -> pa.Array:
     return array.storage if isinstance(array, pa.ExtensionArray) else array
 
 
-_SPECIAL_NUMERIC = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
-
-
-def _numeric_text(values: pa.Array) -> pa.Array:
-    """The driver writes NaN and infinities its own way; use PostgreSQL's spelling."""
-    lowered = values
-    for driver, postgres in _SPECIAL_NUMERIC.items():
-        lowered = pc.if_else(pc.equal(lowered, driver), postgres, lowered)
-    return lowered
+# How the server spells the numeric values decimal128 cannot hold.
+_SPECIAL_NUMERIC = ("NaN", "Infinity", "-Infinity")
 
 
 class _Converter:
@@ -284,7 +283,7 @@ class _Converter:
         if typname == "numeric":
             if pa.types.is_decimal(target):
                 return self._decimal(array, target)
-            return _numeric_text(array) if array.null_count < len(array) else array
+            return array  # the server's own text (the select list casts numeric to text)
         if typname == "date" and len(array):
             self._check_finite(array.cast(pa.int32()), _MIN_DATE, "date")
         elif typname in ("timestamp", "timestamptz") and len(array):
@@ -297,7 +296,7 @@ class _Converter:
         try:
             return pc.cast(array, target)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            special = pc.any(pc.is_in(array, pa.array(list(_SPECIAL_NUMERIC)))).as_py()
+            special = pc.any(pc.is_in(array, pa.array(_SPECIAL_NUMERIC))).as_py()
             what = "NaN or an infinity" if special else "a value that does not fit"
             raise SourceError(
                 f'{_PLUGIN}: column "{self.column.name}" holds {what}, which '
