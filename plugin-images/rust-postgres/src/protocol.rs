@@ -1,0 +1,269 @@
+//! Protocol v1, the plugin side (docs/protocol.md): frames on the plugin socket, the control
+//! messages a reader sends, and Arrow IPC messages, one per ARROW frame.
+//!
+//! A frame is an 8-byte header (kind, three zero bytes, u32 little-endian payload length) and
+//! its payload: one JSON object (CONTROL) or one encapsulated Arrow IPC message (ARROW).
+//!
+//! [`Outbox`] moves the encoding and sending of record batches to a thread of its own, so the
+//! next batch is decoded from PostgreSQL while the previous one is on its way.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use arrow_array::RecordBatch;
+use arrow_ipc::writer::{
+    write_message, DictionaryTracker, IpcDataGenerator, IpcWriteContext, IpcWriteOptions,
+};
+use arrow_schema::Schema;
+use serde_json::{json, Value};
+
+use crate::error::ReadError;
+
+const CONTROL: u8 = 1;
+const ARROW: u8 = 2;
+const MAX_CONTROL: usize = 1 << 20;
+/// The Python host keeps error messages to this many characters; so do we.
+const MAX_MESSAGE_CHARS: usize = 4000;
+
+/// The connection to the supervisor.
+pub struct Conn {
+    stream: UnixStream,
+}
+
+impl Conn {
+    /// Connects to `$DATIVO_SOCKET`, retrying for up to 30 s while it is missing or refuses.
+    pub fn connect() -> io::Result<Conn> {
+        let path =
+            std::env::var("DATIVO_SOCKET").unwrap_or_else(|_| "/run/dativo/plugin.sock".into());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match UnixStream::connect(&path) {
+                Ok(stream) => return Ok(Conn { stream }),
+                Err(e)
+                    if Instant::now() < deadline
+                        && matches!(
+                            e.kind(),
+                            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                        ) =>
+                {
+                    thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Sends one frame. Header and payload go out in one `write` when they fit the socket.
+    fn send(&mut self, kind: u8, payload: &[u8]) -> io::Result<()> {
+        let mut header = [0u8; 8];
+        header[0] = kind;
+        header[4..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        let slices = [io::IoSlice::new(&header), io::IoSlice::new(payload)];
+        let written = self.stream.write_vectored(&slices)?;
+        if written < header.len() {
+            self.stream.write_all(&header[written..])?;
+            self.stream.write_all(payload)
+        } else {
+            self.stream.write_all(&payload[written - header.len()..])
+        }
+    }
+
+    pub fn send_json(&mut self, message: &Value) -> io::Result<()> {
+        self.send(CONTROL, &serde_json::to_vec(message)?)
+    }
+
+    pub fn send_arrow(&mut self, message: &[u8]) -> io::Result<()> {
+        self.send(ARROW, message)
+    }
+
+    /// Reads one CONTROL frame (a reader is never sent anything else).
+    pub fn recv_control(&mut self) -> io::Result<Value> {
+        let mut header = [0u8; 8];
+        self.stream.read_exact(&mut header)?;
+        let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
+        if header[0] != CONTROL || header[1..4] != [0, 0, 0] || len == 0 || len > MAX_CONTROL {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("invalid frame header from the supervisor: {header:02x?}"),
+            ));
+        }
+        let mut payload = vec![0u8; len];
+        self.stream.read_exact(&mut payload)?;
+        serde_json::from_slice(&payload).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("invalid control message: {e}"),
+            )
+        })
+    }
+}
+
+/// `hello`: the plugin's first frame.
+pub fn hello() -> Value {
+    json!({"type": "hello", "protocols": [1], "role": "reader",
+           "plugin": "dativo/rust-postgres", "version": env!("CARGO_PKG_VERSION")})
+}
+
+/// `log` at `level` (`debug`, `info`, `warning`, `error`).
+pub fn log(level: &str, message: &str) -> Value {
+    json!({"type": "log", "level": level, "message": message})
+}
+
+/// `end`, with the state to save when the run succeeds (`null`: keep the saved one).
+pub fn end(state: Option<Value>) -> Value {
+    match state {
+        Some(state) => json!({"type": "end", "state": state}),
+        None => json!({"type": "end"}),
+    }
+}
+
+/// `error` for a failure: category, one-line message, transient flag.
+pub fn error(failure: &ReadError) -> Value {
+    let message: String = failure.message.chars().take(MAX_MESSAGE_CHARS).collect();
+    let mut value = json!({"type": "error", "category": failure.category.as_str(),
+                           "message": message, "transient": failure.transient});
+    if let Some(detail) = &failure.detail {
+        value["detail"] = Value::String(detail.clone());
+    }
+    value
+}
+
+/// Metadata V5, 64-byte alignment, no compression: what section 5 asks of producers.
+fn ipc_options() -> IpcWriteOptions {
+    IpcWriteOptions::default()
+}
+
+/// The schema as one encapsulated IPC message (no end-of-stream marker).
+pub fn schema_message(schema: &Schema) -> Result<Vec<u8>, ReadError> {
+    let options = ipc_options();
+    let mut tracker = DictionaryTracker::new(false);
+    let encoded = IpcDataGenerator::default().schema_to_bytes_with_dictionary_tracker(
+        schema,
+        &mut tracker,
+        &options,
+    );
+    let mut out = Vec::new();
+    write_message(&mut out, encoded, &options).map_err(ReadError::plugin)?;
+    Ok(out)
+}
+
+/// Encodes record batches as encapsulated IPC messages, reusing its output buffer.
+struct BatchEncoder {
+    options: IpcWriteOptions,
+    context: IpcWriteContext,
+    out: Vec<u8>,
+}
+
+impl BatchEncoder {
+    fn new() -> Self {
+        BatchEncoder {
+            options: ipc_options(),
+            context: IpcWriteContext::default(),
+            out: Vec::new(),
+        }
+    }
+
+    fn encode(&mut self, batch: &RecordBatch) -> Result<&[u8], ReadError> {
+        let mut tracker = DictionaryTracker::new(false);
+        let (dictionaries, encoded) = IpcDataGenerator::default()
+            .encode(batch, &mut tracker, &self.options, &mut self.context)
+            .map_err(ReadError::plugin)?;
+        if !dictionaries.is_empty() {
+            return Err(ReadError::plugin(
+                "protocol v1 forbids dictionary-encoded columns",
+            ));
+        }
+        self.out.clear();
+        write_message(&mut self.out, encoded, &self.options).map_err(ReadError::plugin)?;
+        Ok(&self.out)
+    }
+}
+
+enum Outgoing {
+    /// An encoded IPC message (the schema).
+    Arrow(Vec<u8>),
+    Batch(RecordBatch),
+    Control(Value),
+}
+
+/// Sends frames from a thread of its own, a couple of batches behind the decoder.
+///
+/// The queue holds at most two batches, so memory stays bounded when the supervisor (or the
+/// writer behind it) is slower than PostgreSQL.
+pub struct Outbox {
+    queue: Option<SyncSender<Outgoing>>,
+    worker: Option<JoinHandle<(Conn, Result<(), ReadError>)>>,
+}
+
+impl Outbox {
+    pub fn start(mut conn: Conn) -> Outbox {
+        let (queue, incoming) = sync_channel::<Outgoing>(2);
+        let worker = thread::Builder::new()
+            .name("outbox".into())
+            .spawn(move || {
+                let mut encoder = BatchEncoder::new();
+                let mut result = Ok(());
+                for item in incoming {
+                    let sent = match item {
+                        Outgoing::Arrow(bytes) => conn.send_arrow(&bytes).map_err(ReadError::from),
+                        Outgoing::Batch(batch) => encoder
+                            .encode(&batch)
+                            .and_then(|bytes| conn.send_arrow(bytes).map_err(ReadError::from)),
+                        Outgoing::Control(message) => {
+                            conn.send_json(&message).map_err(ReadError::from)
+                        }
+                    };
+                    if let Err(e) = sent {
+                        result = Err(e);
+                        break; // dropping `incoming` makes the next `push` fail
+                    }
+                }
+                (conn, result)
+            })
+            .expect("cannot start the outbox thread");
+        Outbox {
+            queue: Some(queue),
+            worker: Some(worker),
+        }
+    }
+
+    fn push(&mut self, item: Outgoing) -> Result<(), ReadError> {
+        let queue = self.queue.as_ref().expect("outbox already closed");
+        if queue.send(item).is_err() {
+            // The thread stopped on an error: report that one.
+            return match self.close() {
+                (_, Err(e)) => Err(e),
+                (_, Ok(())) => Err(ReadError::plugin("the outbox thread stopped")),
+            };
+        }
+        Ok(())
+    }
+
+    pub fn arrow(&mut self, message: Vec<u8>) -> Result<(), ReadError> {
+        self.push(Outgoing::Arrow(message))
+    }
+
+    pub fn batch(&mut self, batch: RecordBatch) -> Result<(), ReadError> {
+        self.push(Outgoing::Batch(batch))
+    }
+
+    pub fn control(&mut self, message: Value) -> Result<(), ReadError> {
+        self.push(Outgoing::Control(message))
+    }
+
+    /// Waits until everything queued has been sent; gives the connection back.
+    pub fn close(&mut self) -> (Option<Conn>, Result<(), ReadError>) {
+        self.queue = None;
+        match self.worker.take().map(|w| w.join()) {
+            Some(Ok((conn, result))) => (Some(conn), result),
+            Some(Err(_)) => (None, Err(ReadError::plugin("the outbox thread panicked"))),
+            None => (
+                None,
+                Err(ReadError::plugin("the outbox was already closed")),
+            ),
+        }
+    }
+}
