@@ -27,7 +27,7 @@ impl Category {
 }
 
 /// A failure of the run, as the user will read it.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct ReadError {
     pub category: Category,
     pub message: String,

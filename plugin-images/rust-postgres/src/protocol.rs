@@ -192,10 +192,12 @@ enum Outgoing {
 /// Sends frames from a thread of its own, a couple of batches behind the decoder.
 ///
 /// The queue holds at most two batches, so memory stays bounded when the supervisor (or the
-/// writer behind it) is slower than PostgreSQL.
+/// writer behind it) is slower than PostgreSQL. When sending fails, the thread stops and every
+/// later call reports that failure.
 pub struct Outbox {
     queue: Option<SyncSender<Outgoing>>,
     worker: Option<JoinHandle<(Conn, Result<(), ReadError>)>>,
+    stopped: Option<(Option<Conn>, Result<(), ReadError>)>,
 }
 
 impl Outbox {
@@ -224,22 +226,32 @@ impl Outbox {
                 (conn, result)
             })
             .expect("cannot start the outbox thread");
-        Outbox {
-            queue: Some(queue),
-            worker: Some(worker),
-        }
+        Outbox { queue: Some(queue), worker: Some(worker), stopped: None }
     }
 
     fn push(&mut self, item: Outgoing) -> Result<(), ReadError> {
-        let queue = self.queue.as_ref().expect("outbox already closed");
-        if queue.send(item).is_err() {
-            // The thread stopped on an error: report that one.
-            return match self.close() {
-                (_, Err(e)) => Err(e),
-                (_, Ok(())) => Err(ReadError::plugin("the outbox thread stopped")),
-            };
+        let delivered = match &self.queue {
+            Some(queue) => queue.send(item).is_ok(),
+            None => false,
+        };
+        if delivered {
+            return Ok(());
         }
-        Ok(())
+        self.join();
+        Err(match &self.stopped {
+            Some((_, Err(e))) => e.clone(),
+            _ => ReadError::plugin("the outbox thread stopped"),
+        })
+    }
+
+    fn join(&mut self) {
+        self.queue = None;
+        if let Some(worker) = self.worker.take() {
+            self.stopped = Some(match worker.join() {
+                Ok((conn, result)) => (Some(conn), result),
+                Err(_) => (None, Err(ReadError::plugin("the outbox thread panicked"))),
+            });
+        }
     }
 
     pub fn arrow(&mut self, message: Vec<u8>) -> Result<(), ReadError> {
@@ -256,14 +268,7 @@ impl Outbox {
 
     /// Waits until everything queued has been sent; gives the connection back.
     pub fn close(&mut self) -> (Option<Conn>, Result<(), ReadError>) {
-        self.queue = None;
-        match self.worker.take().map(|w| w.join()) {
-            Some(Ok((conn, result))) => (Some(conn), result),
-            Some(Err(_)) => (None, Err(ReadError::plugin("the outbox thread panicked"))),
-            None => (
-                None,
-                Err(ReadError::plugin("the outbox was already closed")),
-            ),
-        }
+        self.join();
+        self.stopped.take().unwrap_or((None, Err(ReadError::plugin("the outbox was closed twice"))))
     }
 }
