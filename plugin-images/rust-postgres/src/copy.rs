@@ -210,8 +210,19 @@ fn push_4digits(out: &mut String, n: i32) {
     let _ = write!(out, "{n:04}");
 }
 
+/// 10^0 ..= 10^38: every power of ten an i128 holds.
+const POW10: [i128; 39] = {
+    let mut table = [1i128; 39];
+    let mut i = 1;
+    while i < 39 {
+        table[i] = table[i - 1] * 10;
+        i += 1;
+    }
+    table
+};
+
 fn pow10(exponent: i32) -> Option<i128> {
-    10i128.checked_pow(exponent.try_into().ok()?)
+    POW10.get(usize::try_from(exponent).ok()?).copied()
 }
 
 // -- builders --------------------------------------------------------------------------------
@@ -234,25 +245,30 @@ enum Values {
 }
 
 impl Values {
-    fn new(scalar: Scalar) -> Values {
+    /// Builders sized for `n` values, so a batch fills them without reallocating.
+    fn new(scalar: Scalar, n: usize) -> Values {
         match scalar {
-            Scalar::Bool => Values::Bool(BooleanBuilder::new()),
-            Scalar::Int16 => Values::Int16(Int16Builder::new()),
-            Scalar::Int32 => Values::Int32(Int32Builder::new()),
-            Scalar::Int64 => Values::Int64(Int64Builder::new()),
-            Scalar::Float32 => Values::Float32(Float32Builder::new()),
-            Scalar::Float64 => Values::Float64(Float64Builder::new()),
+            Scalar::Bool => Values::Bool(BooleanBuilder::with_capacity(n)),
+            Scalar::Int16 => Values::Int16(Int16Builder::with_capacity(n)),
+            Scalar::Int32 => Values::Int32(Int32Builder::with_capacity(n)),
+            Scalar::Int64 => Values::Int64(Int64Builder::with_capacity(n)),
+            Scalar::Float32 => Values::Float32(Float32Builder::with_capacity(n)),
+            Scalar::Float64 => Values::Float64(Float64Builder::with_capacity(n)),
             Scalar::Decimal { precision, scale } => {
-                Values::Decimal(Decimal128Builder::new(), precision, scale)
+                Values::Decimal(Decimal128Builder::with_capacity(n), precision, scale)
             }
             Scalar::NumericText | Scalar::Text | Scalar::Jsonb => {
-                Values::Utf8(StringBuilder::new(), scalar)
+                Values::Utf8(StringBuilder::with_capacity(n, n * 16), scalar)
             }
-            Scalar::Bytea => Values::Binary(BinaryBuilder::new()),
-            Scalar::Date => Values::Date(Date32Builder::new()),
-            Scalar::Time => Values::Time(Time64MicrosecondBuilder::new()),
-            Scalar::Timestamp => Values::Timestamp(TimestampMicrosecondBuilder::new(), false),
-            Scalar::TimestampTz => Values::Timestamp(TimestampMicrosecondBuilder::new(), true),
+            Scalar::Bytea => Values::Binary(BinaryBuilder::with_capacity(n, n * 16)),
+            Scalar::Date => Values::Date(Date32Builder::with_capacity(n)),
+            Scalar::Time => Values::Time(Time64MicrosecondBuilder::with_capacity(n)),
+            Scalar::Timestamp => {
+                Values::Timestamp(TimestampMicrosecondBuilder::with_capacity(n), false)
+            }
+            Scalar::TimestampTz => {
+                Values::Timestamp(TimestampMicrosecondBuilder::with_capacity(n), true)
+            }
         }
     }
 
@@ -352,6 +368,7 @@ impl Values {
         Ok(())
     }
 
+    /// The values so far as an array; the builder is left empty.
     fn finish(&mut self) -> ArrayRef {
         match self {
             Values::Bool(b) => Arc::new(b.finish()),
@@ -403,16 +420,19 @@ struct ColumnBuilder {
     lists: Option<Lists>,
     /// Elements appended to `values` in this batch (list columns).
     elements: i64,
+    /// Values expected per batch: the builders are sized for it.
+    capacity: usize,
 }
 
 impl ColumnBuilder {
-    fn new(spec: &ColumnSpec) -> ColumnBuilder {
+    fn new(spec: &ColumnSpec, capacity: usize) -> ColumnBuilder {
         ColumnBuilder {
             name: spec.name.clone(),
             scalar: spec.kind.scalar,
-            values: Values::new(spec.kind.scalar),
+            values: Values::new(spec.kind.scalar, capacity),
             lists: spec.kind.list.then(Lists::new),
             elements: 0,
+            capacity,
         }
     }
 
@@ -501,8 +521,10 @@ impl ColumnBuilder {
         }
     }
 
+    /// This batch's array; the builders start the next one sized as before.
     fn finish(&mut self) -> ArrayRef {
-        let values = self.values.finish();
+        let values =
+            std::mem::replace(&mut self.values, Values::new(self.scalar, self.capacity)).finish();
         match &mut self.lists {
             None => values,
             Some(lists) => {
@@ -549,7 +571,11 @@ impl CopyDecoder {
     pub fn new(columns: &[ColumnSpec], batch_size: usize, batch_bytes: usize) -> CopyDecoder {
         CopyDecoder {
             schema: schema(columns),
-            columns: columns.iter().map(ColumnBuilder::new).collect(),
+            // Sized for a full batch, within reason: a huge batch_size grows as it fills.
+            columns: columns
+                .iter()
+                .map(|c| ColumnBuilder::new(c, batch_size.clamp(1, 1 << 20)))
+                .collect(),
             batch_size: batch_size.max(1),
             batch_bytes: batch_bytes.max(1),
             stage: Stage::Header,
