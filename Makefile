@@ -14,7 +14,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.dativo-venv-stamp
 # Besides `.[dev]`: what integration tests and examples use.
-VENV_EXTRAS := pyiceberg testcontainers boto3 cryptography 'psycopg[binary]'
+VENV_EXTRAS := pyiceberg testcontainers boto3 cryptography 'psycopg[binary]' psycopg2-binary
 
 PYTEST := $(PY) -m pytest
 PYTEST_FLAGS ?=
@@ -22,7 +22,7 @@ ifeq ($(CI),true)
 PYTEST_FLAGS += -p no:cacheprovider
 endif
 
-.PHONY: help venv engine images services demo test test-unit test-integration test-security \
+.PHONY: help venv engine softhsm images services demo test test-unit test-integration test-security \
 	bench lint clean
 
 help: ## List the targets (this text)
@@ -41,6 +41,11 @@ $(VENV_STAMP): pyproject.toml
 engine: ## Make sure a Docker engine answers (installs/starts dockerd as root)
 	@bash sandbox/engine.sh
 
+softhsm: ## Install SoftHSM2 (the PKCS#11 HSM the key-service tests use) when it is missing
+	@command -v softhsm2-util >/dev/null 2>&1 || { \
+		echo "installing softhsm2 (Debian package)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2; }
+
 images: venv engine ## Build the base and plugin images (only what changed)
 	@$(PY) sandbox/build_images.py
 
@@ -51,10 +56,10 @@ demo: images ## Run the quickstart: make example data, then `dativo run` it
 	$(PY) examples/quickstart_data.py
 	$(VENV)/bin/dativo run examples/quickstart.yaml
 
-test: images services ## Run the whole test suite (tests/), images first
+test: softhsm images services ## Run the whole test suite (tests/), images first
 	$(PYTEST) $(PYTEST_FLAGS) tests/
 
-test-unit: venv ## Run the unit tests (tests/unit; no engine needed)
+test-unit: venv softhsm ## Run the unit tests (tests/unit; no engine needed)
 	$(PYTEST) $(PYTEST_FLAGS) tests/unit
 
 test-integration: images ## Run the integration tests (tests/integration)
@@ -63,13 +68,13 @@ test-integration: images ## Run the integration tests (tests/integration)
 test-security: images ## Run the hostile-plugin containment suite (tests/security; builds its fixture images)
 	$(PYTEST) $(PYTEST_FLAGS) tests/security
 
-bench: images services ## Run every benchmark (bench/*.py but not bench/_*.py), one after the other
+bench: softhsm images services ## Run every benchmark (bench/*.py but not bench/_*.py), one after the other
 	@shopt -s nullglob; files=(); \
 	for f in bench/*.py; do [[ $$(basename "$$f") == _* ]] || files+=("$$f"); done; \
 	if [ $${#files[@]} -eq 0 ]; then echo "bench: no bench/*.py yet"; fi; \
 	for f in "$${files[@]}"; do echo "== $$f"; $(PY) "$$f"; done
 
-bench-%: images ## Run one benchmark: bench/%.py (e.g. make bench-transport)
+bench-%: softhsm images ## Run one benchmark: bench/%.py (e.g. make bench-transport)
 	@test -f bench/$*.py || { echo "no such benchmark: bench/$*.py" >&2; exit 1; }
 	$(PY) bench/$*.py
 

@@ -16,7 +16,7 @@ __all__ = ["main"]
 
 def _build_parser() -> argparse.ArgumentParser:
     # Each command module registers its own sub-parser and sets `func`.
-    from dativo.cli import _keys, _plugin, _run, _state, _trust, _validate
+    from dativo.cli import _decrypt, _keys, _plugin, _run, _state, _trust, _validate
 
     parser = argparse.ArgumentParser(
         prog="dativo",
@@ -27,7 +27,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true", help="show debug logs and tracebacks"
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (_validate, _run, _state, _plugin, _keys, _trust):
+    for module in (_validate, _run, _state, _plugin, _keys, _trust, _decrypt):
         module.register(commands)
     return parser
 

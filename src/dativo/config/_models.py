@@ -41,11 +41,16 @@ __all__ = [
     "BuiltinReader",
     "BuiltinWriter",
     "CatalogSpec",
+    "EncryptionSpec",
+    "FileKeyService",
     "IcebergSpec",
     "ImagePlugin",
     "Isolation",
     "JobConfig",
+    "KeyServiceSpec",
+    "KmsKeyService",
     "PartitionField",
+    "Pkcs11KeyService",
     "PluginSpec",
     "Problem",
     "PythonPlugin",
@@ -60,7 +65,7 @@ __all__ = [
 ]
 
 #: Names of the built-in plugins, per role, in the order they are documented.
-READER_BUILTINS: tuple[str, ...] = ("files", "generate")
+READER_BUILTINS: tuple[str, ...] = ("files", "generate", "postgres", "http")
 WRITER_BUILTINS: tuple[str, ...] = ("parquet", "null")
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
@@ -453,13 +458,16 @@ def _plain_secret(value: object, path: str) -> str | None:
         for key, item in value.items():
             where = f"{path}.{key}" if path else str(key)
             folded = str(key).lower().replace("-", "_")
-            if (
-                isinstance(item, str)
-                and item
-                and any(word in folded for word in _PLUGIN_SECRET_WORDS)
-                and _ENV_REF.fullmatch(item) is None
-            ):
-                return where
+            if isinstance(item, str) and item:
+                if folded in ("authorization", "proxy_authorization"):
+                    # `Bearer ${TOKEN}`: the scheme may be written out, the credential not.
+                    if _ENV_REF.search(item) is None:
+                        return where
+                elif (
+                    any(word in folded for word in _PLUGIN_SECRET_WORDS)
+                    and _ENV_REF.fullmatch(item) is None
+                ):
+                    return where
             found = _plain_secret(item, where)
             if found is not None:
                 return found
@@ -521,10 +529,11 @@ class BuiltinPlugin(_PluginBase):
 class BuiltinReader(BuiltinPlugin):
     """A reader shipped with Dativo."""
 
-    name: Literal["files", "generate"] = Field(
+    name: Literal["files", "generate", "postgres", "http"] = Field(
         description=(
             "`files` reads the input files mounted from `source.files`; `generate` produces "
-            "rows without any input."
+            "rows without any input; `postgres` reads a PostgreSQL table or query (grant its "
+            "`host:port` in `network`); `http` reads a JSON HTTP API (grant its `host:port` too)."
         )
     )
     role: ClassVar[Literal["reader", "writer"] | None] = "reader"
@@ -907,6 +916,149 @@ class IcebergSpec(_Model):
         return self
 
 
+_KEY_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./:@+=-]{0,255}")
+
+
+def _check_key_id(value: object) -> object:
+    if isinstance(value, str) and _KEY_ID_RE.fullmatch(value):
+        return value
+    raise Problem(
+        "expected a master key id: 1 to 256 letters, digits or `_./:@+=-`, starting with a "
+        "letter or digit, such as `pii`, `alias/dativo-pii` or a KMS key ARN"
+    )
+
+
+_KeyId = Annotated[str, BeforeValidator(_check_key_id)]
+
+
+class FileKeyService(_Model):
+    """Master keys in a local JSON key file (air-gapped sites)."""
+
+    type: Literal["file"] = Field(description="`file`: a local key file.")
+    path: _HostPath = Field(
+        description=(
+            "The key file (relative to the job file's directory). It must be owned by the "
+            "user running Dativo and readable by that user only (`chmod 600`); anything else "
+            "is refused."
+        ),
+        examples=["./keys/dativo-keys.json"],
+    )
+
+
+class KmsKeyService(_Model):
+    """Master keys in AWS KMS or a KMS-compatible server."""
+
+    type: Literal["kms"] = Field(description="`kms`: AWS KMS through boto3.")
+    region: str | None = Field(
+        default=None,
+        description="AWS region; default `AWS_REGION`, `AWS_DEFAULT_REGION`, else `us-east-1`.",
+        examples=["eu-west-1"],
+    )
+    endpoint_url: str | None = Field(
+        default=None,
+        description=(
+            "KMS endpoint; default `AWS_ENDPOINT_URL_KMS`, `AWS_ENDPOINT_URL`, else AWS's own. "
+            "Credentials always come from the usual AWS chain, never from the job file."
+        ),
+        examples=["https://kms.eu-west-1.amazonaws.com"],
+    )
+
+    @field_validator("endpoint_url", mode="before")
+    @classmethod
+    def _check_endpoint(cls, value: object) -> object:
+        if value is None:
+            return value
+        if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s@]+", value):
+            raise Problem("expected an `http(s)://host[:port]` URL without credentials")
+        return value
+
+
+class Pkcs11KeyService(_Model):
+    """Master keys in a PKCS#11 HSM; each version is an AES key labelled `<key id>.v<N>`."""
+
+    type: Literal["pkcs11"] = Field(description="`pkcs11`: a PKCS#11 token (HSM).")
+    module: _HostPath = Field(
+        description="The PKCS#11 module (shared library) of the HSM.",
+        examples=["/usr/lib/softhsm/libsofthsm2.so"],
+    )
+    token: str = Field(description="Label of the token.", examples=["dativo"])
+    pin: str = Field(
+        description=(
+            "The user PIN, always a `${ENV_VAR}` reference expanded by the supervisor; never "
+            "written in the job file."
+        ),
+        examples=["${HSM_PIN}"],
+        json_schema_extra={"pattern": r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$"},
+    )
+
+    @field_validator("pin", mode="before")
+    @classmethod
+    def _check_pin(cls, value: object) -> object:
+        if isinstance(value, str) and _ENV_REF.fullmatch(value):
+            return value
+        raise Problem(
+            "the PIN must be an environment variable reference such as `${HSM_PIN}`; set the "
+            "variable for `dativo run`",
+            show_input=False,
+        )
+
+
+#: Any key service spec.
+KeyServiceSpec = Annotated[
+    FileKeyService | KmsKeyService | Pkcs11KeyService, Field(discriminator="type")
+]
+
+
+class EncryptionSpec(_Model):
+    """Client-side Parquet modular encryption (AES-256-GCM) of everything the writer stages."""
+
+    key_service: KeyServiceSpec = Field(
+        description=(
+            "Where the master keys live: `{type: file, path}`, `{type: kms, region, "
+            "endpoint_url}` or `{type: pkcs11, module, token, pin}`. Only the supervisor "
+            "talks to it; the writer never sees a master key, credential or PIN."
+        )
+    )
+    footer_key: _KeyId = Field(
+        description=(
+            "Master key id that protects each file's footer (schema, row counts, statistics) "
+            "and every column not listed in `column_keys`."
+        ),
+        examples=["data"],
+    )
+    column_keys: dict[_KeyId, tuple[str, ...]] = Field(
+        default_factory=dict,
+        description=(
+            "Sensitive columns with master keys of their own: key id -> top-level column "
+            "names. A reader needs that key (besides the footer key) to read those columns."
+        ),
+        examples=[{"pii": ["email", "ssn"]}],
+    )
+
+    @field_validator("column_keys")
+    @classmethod
+    def _check_columns(cls, value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        seen: dict[str, str] = {}
+        for key_id, columns in value.items():
+            if not columns:
+                raise Problem(f"key `{key_id}` lists no column; list at least one or remove it")
+            for column in columns:
+                if not column.strip():
+                    raise Problem("column names cannot be empty", show_input=False)
+                if column in seen:
+                    raise Problem(
+                        f"column `{column}` is listed under `{seen[column]}` and `{key_id}`; a "
+                        "column has one key",
+                        show_input=False,
+                    )
+                seen[column] = key_id
+        return value
+
+    def key_ids(self) -> tuple[str, ...]:
+        """Every master key id the job uses, the footer key first."""
+        return (self.footer_key, *(k for k in self.column_keys if k != self.footer_key))
+
+
 class TargetSpec(_Model):
     """Where data goes."""
 
@@ -933,6 +1085,53 @@ class TargetSpec(_Model):
         description="With `format: iceberg`: the catalog, warehouse, table, mode and partitions.",
     )
     writer: WriterSpec = Field(description=f"The writer plugin. {_PLUGIN_DESCRIPTION}")
+    encryption: EncryptionSpec | None = Field(
+        default=None,
+        description=(
+            "Encrypt the staged Parquet files (Parquet modular encryption, AES-256-GCM, "
+            "per-file data keys wrapped by master keys of a key service), verify and audit "
+            "them before publishing. Needs `format: parquet` and the built-in `parquet` writer. "
+            "See docs/encryption.md."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check_encryption(self) -> TargetSpec:
+        if self.encryption is None:
+            writer = self.writer
+            if isinstance(writer.config, dict) and "encryption" in writer.config:
+                raise Problem(
+                    "`writer.config.encryption` is set by the supervisor; configure encryption "
+                    "in `target.encryption` instead",
+                    show_input=False,
+                )
+            return self
+        if self.format != "parquet":
+            raise Problem(
+                "`encryption` works with `format: parquet` only (a local directory or an S3 "
+                "prefix)",
+                show_input=False,
+            )
+        writer = self.writer
+        if not (isinstance(writer, BuiltinPlugin) and writer.name == "parquet"):
+            raise Problem(
+                "`encryption` needs the built-in `parquet` writer (`writer: {type: builtin, "
+                "name: parquet}`)",
+                show_input=False,
+            )
+        if "encryption" in writer.config:
+            raise Problem(
+                "`writer.config.encryption` is set by the supervisor from `target.encryption`; "
+                "remove it",
+                show_input=False,
+            )
+        if writer.config.get("partition_by"):
+            raise Problem(
+                "an encrypted target cannot be partitioned (`writer.config.partition_by`): "
+                "partition values would be written in plain text in directory names",
+                show_input=False,
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_format(self) -> TargetSpec:
@@ -1091,6 +1290,10 @@ class JobConfig(_Model):
 
     def _resolve(self, path: Path) -> Path:
         return (self._base_dir / path.expanduser()).resolve()
+
+    def resolve_path(self, path: Path) -> Path:
+        """`path` made absolute against the job file's directory."""
+        return self._resolve(path)
 
     @property
     def source_files_dir(self) -> Path | None:

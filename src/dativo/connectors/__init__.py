@@ -16,6 +16,8 @@ __all__ = ["BUILTINS", "builtin_implementation", "parse_plugin_config"]
 BUILTINS: dict[str, tuple[str, str]] = {
     "files": ("reader", "dativo.connectors.files:FileReader"),
     "generate": ("reader", "dativo.connectors.generate:GenerateReader"),
+    "postgres": ("reader", "dativo.connectors.postgres:PostgresReader"),
+    "http": ("reader", "dativo.connectors.http:HttpReader"),
     "parquet": ("writer", "dativo.connectors.parquet:ParquetWriter"),
     "null": ("writer", "dativo.connectors.null:NullWriter"),
 }

@@ -16,6 +16,14 @@ the directory names.
 Every file and directory is created relative to an open directory descriptor, with
 `O_NOFOLLOW` and `O_EXCL`, so a symbolic link planted in the staging directory is never
 followed.
+
+With an `encryption` section (filled in by the supervisor from `target.encryption`, never
+written by hand), every file is written with Parquet modular encryption: AES-GCM
+(`AES_GCM_V1`), an encrypted footer, and a fresh 256-bit data key per column and for the
+footer in every file. Every column is encrypted: those listed in `column_keys` under their own
+master key, all others under the footer key. The data keys are wrapped by the supervisor's key
+broker (a Unix socket; this writer can wrap, never unwrap) and stored in the file's key
+metadata; pyarrow encrypts pages in memory, so only ciphertext reaches the staging directory.
 """
 
 from __future__ import annotations
@@ -32,10 +40,12 @@ from urllib.parse import quote
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pyarrow.parquet.encryption as pqe
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dativo.config import parse_size
 from dativo.connectors import parse_plugin_config
+from dativo.protocol.keys import BrokerError, wrap_key
 from dativo.sdk import (
     DataWriter,
     OutputFile,
@@ -45,7 +55,7 @@ from dativo.sdk import (
     WriteResult,
 )
 
-__all__ = ["ParquetWriter", "ParquetWriterConfig"]
+__all__ = ["ALGORITHM", "EncryptionSettings", "ParquetWriter", "ParquetWriterConfig"]
 
 NULL_PARTITION = "__null__"
 EMPTY_PARTITION = "__empty__"
@@ -55,6 +65,46 @@ _MAX_SEGMENT = 200  # bytes of one encoded partition value, before it is shorten
 _SAFE_COLUMN_START = re.compile(r"[A-Za-z0-9_]")
 _PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class EncryptionSettings(BaseModel):
+    """What the supervisor tells the writer to encrypt with (from `target.encryption`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    socket: str = Field(description="the key broker's Unix socket")
+    footer_key: str
+    column_keys: dict[str, list[str]] = Field(default_factory=dict)
+
+
+ALGORITHM = "AES_GCM_V1"
+
+
+class _BrokerKmsClient(pqe.KmsClient):  # type: ignore[misc]
+    """pyarrow's KMS client interface, served by the supervisor's key broker (wrap only)."""
+
+    def __init__(self, socket_path: str, errors: list[str]) -> None:
+        super().__init__()
+        self._socket = socket_path
+        self._errors = errors
+
+    def wrap_key(self, key_bytes: bytes, master_key_identifier: str) -> str:
+        try:
+            return wrap_key(self._socket, master_key_identifier, bytes(key_bytes))
+        except BrokerError as exc:
+            self._errors.append(str(exc))
+            raise
+
+    def unwrap_key(self, wrapped_key: str, master_key_identifier: str) -> bytes:
+        raise BrokerError("the writer cannot unwrap keys")
+
+
+def _leaf_paths(column: pa.Field) -> list[str]:
+    """The Parquet column paths (`a`, `s.x`, `l.list.element`) one Arrow column is stored as."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({column.name: pa.array([], type=column.type)}), sink)
+    meta = pq.read_metadata(pa.BufferReader(sink.getvalue()))
+    return [meta.schema.column(i).path for i in range(meta.num_columns)]
 
 
 class ParquetWriterConfig(BaseModel):
@@ -70,6 +120,7 @@ class ParquetWriterConfig(BaseModel):
     partition_by: list[str] = Field(default_factory=list)
     file_prefix: str = "part"
     max_open_partitions: int = Field(default=256, ge=1, le=4096)
+    encryption: EncryptionSettings | None = None
 
     @field_validator("target_file_size", mode="before")
     @classmethod
@@ -169,6 +220,9 @@ class ParquetWriter(DataWriter):
         self._buffered = 0
         self._run_tag = ""
         self._finished = False
+        self._crypto: pqe.CryptoFactory | None = None
+        self._crypto_config: pqe.EncryptionConfiguration | None = None
+        self._broker_errors: list[str] = []
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -219,6 +273,61 @@ class ParquetWriter(DataWriter):
             )
         self._schema = schema
         self._file_schema = pa.schema(keep)
+        if cfg.encryption is not None:
+            self._setup_encryption(cfg.encryption, self._file_schema)
+
+    def _setup_encryption(self, settings: EncryptionSettings, schema: pa.Schema) -> None:
+        if self._cfg().partition_by:
+            raise PluginConfigError(
+                "writer `parquet`: an encrypted target cannot be partitioned (partition values "
+                "would be written in plain text in directory names); remove `partition_by`"
+            )
+        owner: dict[str, str] = {}
+        for key_id, columns in settings.column_keys.items():
+            for column in columns:
+                owner[column] = key_id
+        unknown = [c for c in owner if schema.get_field_index(c) < 0]
+        if unknown:
+            raise PluginConfigError(
+                f"writer `parquet`: `target.encryption.column_keys` names column(s) "
+                f"{', '.join(f'`{c}`' for c in unknown)} that the data does not have; the "
+                f"columns are {', '.join(f'`{n}`' for n in schema.names)}. Fix "
+                "`target.encryption.column_keys`."
+            )
+        # Every column is encrypted: listed ones under their own key, the rest under the
+        # footer key (a column left out would be written in plain text).
+        column_keys: dict[str, list[str]] = {}
+        for column in schema:
+            key_id = owner.get(column.name, settings.footer_key)
+            column_keys.setdefault(key_id, []).extend(_leaf_paths(column))
+        errors = self._broker_errors
+        self._crypto = pqe.CryptoFactory(lambda _config: _BrokerKmsClient(settings.socket, errors))
+        self._crypto_config = pqe.EncryptionConfiguration(
+            footer_key=settings.footer_key,
+            column_keys=column_keys,
+            encryption_algorithm=ALGORITHM,
+            plaintext_footer=False,
+            # Single wrapping: each 256-bit data key is wrapped by the master key itself;
+            # pyarrow's double wrapping would put a 128-bit key-encryption key in between.
+            double_wrapping=False,
+            internal_key_material=True,
+            data_key_length_bits=256,
+        )
+
+    def _encryption_properties(self) -> Any:
+        """Fresh data keys for one file, wrapped by the broker; None when not encrypting."""
+        if self._crypto is None or self._crypto_config is None:
+            return None
+        self._broker_errors.clear()
+        try:
+            return self._crypto.file_encryption_properties(
+                pqe.KmsConnectionConfig(), self._crypto_config
+            )
+        except Exception as exc:
+            said = self._broker_errors[-1] if self._broker_errors else str(exc)
+            raise SourceError(
+                f"writer `parquet`: encrypting failed, nothing was written: {said}"
+            ) from None
 
     def write_batch(self, batch: pa.RecordBatch) -> None:
         if self._schema is None:
@@ -254,9 +363,14 @@ class ParquetWriter(DataWriter):
         ]
         files.sort(key=lambda f: f.path)
         self._release()
-        return WriteResult(
-            files=files, metadata={"format": "parquet", "compression": cfg.compression}
-        )
+        metadata: dict[str, Any] = {"format": "parquet", "compression": cfg.compression}
+        if cfg.encryption is not None:
+            metadata["encryption"] = {
+                "algorithm": ALGORITHM,
+                "footer_key": cfg.encryption.footer_key,
+                "column_keys": cfg.encryption.column_keys,
+            }
+        return WriteResult(files=files, metadata=metadata)
 
     def abort(self) -> None:
         if self._finished:
@@ -397,6 +511,8 @@ class ParquetWriter(DataWriter):
         self._seq += 1
         name = f"{cfg.file_prefix}-{self._run_tag}-{self._seq:05d}.parquet"
         tmp = f".{name}.tmp"
+        # Keys first: a key that cannot be wrapped leaves no file behind at all.
+        encryption = self._encryption_properties()
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(tmp, flags, 0o644, dir_fd=part.dir_fd)
         handle = os.fdopen(fd, "wb", buffering=1 << 20)
@@ -406,6 +522,7 @@ class ParquetWriter(DataWriter):
                 self._file_schema,
                 compression=cfg.compression,
                 write_statistics=True,
+                encryption_properties=encryption,
             )
         except BaseException:
             handle.close()

@@ -144,7 +144,8 @@ class Container:
 
         Keys (each only when readable): `oom_kill` (processes OOM-killed), `pids_max` (forks
         refused at the process limit), `nr_periods`, `nr_throttled` and `throttled_usec` (CPU
-        periods, and how many and how long the quota throttled it), `cpu_usage_usec`. Empty
+        periods, and how many and how long the quota throttled it), `cpu_usage_usec`,
+        `memory_peak` (the memory high-water mark in bytes). Empty
         when the container is gone or its cgroup is not visible from here (another host,
         another cgroup namespace).
         """
@@ -179,6 +180,8 @@ _V1_COUNTERS = (
     ("cpu", "cpu.stat", "throttled_time", "throttled_usec"),  # nanoseconds, converted below
     ("cpuacct", "cpuacct.stat", "", "cpu_usage_usec"),  # cpuacct.usage, read below
 )
+# Single-value files: (v1 controller, v1 file, v2 file, our name).
+_PEAKS = (("memory", "memory.max_usage_in_bytes", "memory.peak", "memory_peak"),)
 _V2_COUNTERS = (
     ("memory.events", "oom_kill", "oom_kill"),
     ("pids.events", "max", "pids_max"),
@@ -228,12 +231,20 @@ def _read_counters(proc_cgroup: list[str], container_id: str) -> dict[str, int]:
                 value = _flat_keyed(directory / filename).get(key)
                 if value is not None:
                     counters[name] = value // 1000 if key == "throttled_time" else value
+        for controller, filename, _, name in _PEAKS:
+            if controller in v1:
+                peak_file = _CGROUP_ROOT / controller / v1[controller].lstrip("/") / filename
+                with contextlib.suppress(OSError, ValueError):
+                    counters[name] = int(peak_file.read_text())
     elif v2 is not None:
         directory = _CGROUP_ROOT / v2.lstrip("/")
         for filename, key, name in _V2_COUNTERS:
             value = _flat_keyed(directory / filename).get(key)
             if value is not None:
                 counters[name] = value
+        for _, _, filename, name in _PEAKS:  # memory.peak: Linux 5.19 and later
+            with contextlib.suppress(OSError, ValueError):
+                counters[name] = int((directory / filename).read_text())
     return counters
 
 

@@ -8,6 +8,8 @@ publication of staged output, state, and cleanup whatever happens.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime
 import logging
 import queue
 import re
@@ -26,12 +28,17 @@ import pyarrow as pa
 from dativo import lake
 from dativo.config import JobConfig, format_size
 from dativo.errors import DativoError, InternalError, PluginError, ProtocolError
+from dativo.keys import KeyService, key_service_for
+from dativo.keys._parquet import ALGORITHM, EncryptedFile, inspect_encrypted
 from dativo.protocol import IpcFormatError, inspect_message, v1
+from dativo.protocol.keys import BROKER_SOCKET
 from dativo.sandbox import Engine, ExitInfo, RunDirectory, runtime_base
 from dativo.sandbox._rundir import is_run_alive
 from dativo.signing import VerifiedPlugin, record_seen
 from dativo.state import StateStore
 from dativo.supervisor import _network, _publish
+from dativo.supervisor._audit import record_hash
+from dativo.supervisor._keybroker import KeyBroker
 from dativo.supervisor._plugins import (
     SOCKET_MOUNT,
     Launch,
@@ -101,6 +108,8 @@ class RunReport:
     reaped_containers: list[str] = field(default_factory=list)
     commit: dict[str, Any] | None = None
     commit_seconds: float | None = None
+    encryption: dict[str, Any] | None = None
+    audit: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -125,6 +134,9 @@ class RunReport:
             else round(self.commit_seconds, 4),
             "plugins": self.plugins,
             "writer_metadata": self.writer_metadata,
+            "encryption": self.encryption,
+            "audit": self.audit,
+            "audit_head": record_hash(self.audit[-1]) if self.audit else None,
             "error": self.error,
         }
 
@@ -394,6 +406,7 @@ class _Run:
         self.store = store
         self.run_id = report.run_id
         self.processes: list[PluginProcess] = []
+        self.sessions: list[_Session] = []
         self.channels: list[v1.Channel] = []
         self.end_sent = False
         self.failure: DativoError | None = None
@@ -401,6 +414,9 @@ class _Run:
         self.verified: dict[str, VerifiedPlugin] = {}
         self.networks: dict[str, _network.PluginNetwork] = {}
         self.committer: lake.Committer | None = None
+        self.keys: KeyService | None = None
+        self.broker: KeyBroker | None = None
+        self.encrypted: dict[str, EncryptedFile] = {}
 
     def _save_state(self, state: dict[str, Any], run_id: str) -> None:
         self.store.save(self.job.name, state, run_id)
@@ -439,6 +455,9 @@ class _Run:
                 staging = _publish.create_staging(target, self.run_id, user)
             reader = resolve(job, "reader", None)
             writer = resolve(job, "writer", staging)
+            # Every master key is checked before any container starts: a missing, revoked or
+            # unreachable key fails the run with nothing written.
+            self._open_keys()
             images: dict[str, str] = {}
             if engine is not None:
                 # Both images are verified before any container (even the probe) starts, and
@@ -458,6 +477,8 @@ class _Run:
             sessions = {}
             for launch in (reader, writer):
                 directory, listener = rundir.listen(launch.role)
+                if launch.role == "writer" and self.keys is not None:
+                    launch = self._open_broker(launch, directory, in_process=engine is None)
                 if engine is not None:
                     process: PluginProcess = start_container(
                         engine,
@@ -484,8 +505,18 @@ class _Run:
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
             self._note_network(exc)
+            failure = self.broker.failure if self.broker is not None else None
+            if failure is not None and isinstance(exc, DativoError) and exc is not failure:
+                # The writer only relays it; the key service's own error names key and service.
+                raise failure from None
             raise
         finally:
+            if self.broker is not None:
+                self.broker.close()
+                if self.report.encryption is not None:
+                    self.report.encryption["broker"] = self.broker.report()
+            if self.keys is not None:
+                self.keys.close()
             for channel in self.channels:
                 channel.close()
             for process in self.processes:
@@ -495,12 +526,88 @@ class _Run:
                     **self.report.plugins.get(role, {}),
                     **process.describe(),
                 }
+            for session in self.sessions:
+                peak = session.counters.get("memory_peak")
+                if peak is not None:  # the container's high-water mark, as last sampled
+                    self.report.plugins[session.launch.role]["peak_memory_bytes"] = peak
             for role, network in self.networks.items():
                 network.close()
                 self.report.plugins.setdefault(role, {})["network"] = network.report()
             rundir.close()
             if self.committer is not None:
                 self.committer.close()
+
+    def _open_keys(self) -> None:
+        """Set up the job's key service and check each master key may wrap (preflight)."""
+        spec = self.job.target.encryption
+        if spec is None:
+            return
+        self.keys = key_service_for(self.job)
+        versions = [self.keys.check(key_id) for key_id in spec.key_ids()]
+        self.report.encryption = {
+            "algorithm": ALGORITHM,
+            "service": self.keys.describe(),
+            "footer_key": spec.footer_key,
+            "column_keys": {k: list(v) for k, v in spec.column_keys.items()},
+            "current_versions": [{"key_id": v.key_id, "version": v.version} for v in versions],
+        }
+        for version in versions:
+            log.info(
+                "encryption: master key `%s` is at version %s", version.key_id, version.version
+            )
+
+    def _open_broker(self, launch: Launch, directory: Path, *, in_process: bool) -> Launch:
+        """Bind the key broker in the writer's socket directory; tell the writer where."""
+        spec = self.job.target.encryption
+        assert spec is not None
+        assert self.keys is not None
+        self.broker = KeyBroker(self.keys, spec.key_ids(), directory)
+        self.broker.start()
+        socket_path = str(self.broker.path) if in_process else f"{SOCKET_MOUNT}/{BROKER_SOCKET}"
+        settings = {
+            "socket": socket_path,
+            "footer_key": spec.footer_key,
+            "column_keys": {k: list(v) for k, v in spec.column_keys.items()},
+        }
+        return dataclasses.replace(launch, config={**launch.config, "encryption": settings})
+
+    def _inspect_encrypted(self, fd: int, path: str) -> int:
+        """Check one staged file is encrypted as the job says; remember it for the audit."""
+        spec = self.job.target.encryption
+        assert spec is not None
+        assert self.keys is not None
+        owners = {column: key for key, columns in spec.column_keys.items() for column in columns}
+        found = inspect_encrypted(
+            fd, path, self.keys, footer_key=spec.footer_key, column_keys=owners
+        )
+        self.encrypted[path] = found
+        return found.rows
+
+    def _audit_records(self, files: list[_publish.StagedFile]) -> list[dict[str, Any]]:
+        assert self.keys is not None
+        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        records = []
+        for staged in files:
+            found = self.encrypted[staged.path]
+            records.append(
+                {
+                    "run_id": self.run_id,
+                    "job": self.job.name,
+                    "time": now,
+                    "file": staged.path,
+                    "rows": staged.rows,
+                    "bytes": staged.bytes,
+                    "sha256": found.sha256,
+                    "algorithm": ALGORITHM,
+                    "key_service": self.keys.name,
+                    "footer_key": found.footer.to_json(),
+                    "columns": {name: key.to_json() for name, key in found.columns.items()},
+                }
+            )
+        return records
+
+    def _set_audit(self, chained: list[dict[str, Any]]) -> None:
+        self.report.audit = chained
 
     def _verify(self, engine: Engine, launch: Launch) -> Launch:
         """Verify the plugin's image against the trust policy; raise before anything starts."""
@@ -616,6 +723,7 @@ class _Run:
         channel = v1.Channel(sock, max_frame_bytes=self.job.run.max_frame_bytes)
         self.channels.append(channel)
         session = _Session(launch, process, channel, started)
+        self.sessions.append(session)
         try:
             hello = session.channel.recv_control(deadline=deadline)
         except TimeoutError:
@@ -742,8 +850,13 @@ class _Run:
         if staging is not None and base is not None:
             writer.process.stop()  # nothing may change the staging directory from now on
             files = _publish.validate_staged(
-                staging, list(result.files), rows_sent=self.report.rows, plugin=writer.name
+                staging,
+                list(result.files),
+                rows_sent=self.report.rows,
+                plugin=writer.name,
+                inspect=self._inspect_encrypted if self.keys is not None else None,
             )
+            audit = self._audit_records(files) if self.keys is not None else None
             committing = time.monotonic()
             if self.committer is not None:
                 self.report.commit = _publish.publish_lake(
@@ -754,6 +867,8 @@ class _Run:
                     state=end.state,
                     save_state=self._save_state,
                     committer=self.committer,
+                    audit=audit,
+                    on_audit=self._set_audit,
                 )
             else:
                 _publish.publish(
@@ -763,6 +878,8 @@ class _Run:
                     job=self.job.name,
                     state=end.state,
                     save_state=self._save_state,
+                    audit=audit,
+                    on_audit=self._set_audit,
                 )
             self.report.commit_seconds = time.monotonic() - committing
             self.report.files = [

@@ -105,9 +105,18 @@ def _open_dir_chain(root_fd: int, parts: list[str]) -> int:
 
 
 def validate_staged(
-    staging: Path, files: list[dict[str, Any]], *, rows_sent: int, plugin: str
+    staging: Path,
+    files: list[dict[str, Any]],
+    *,
+    rows_sent: int,
+    plugin: str,
+    inspect: Callable[[int, str], int] | None = None,
 ) -> list[StagedFile]:
-    """Check the writer's report against what is really in the staging directory."""
+    """Check the writer's report against what is really in the staging directory.
+
+    `inspect(fd, path)`, when given, checks each file in place of the plain Parquet read and
+    returns its row count (the encrypted-output checks); it raises to refuse the file.
+    """
 
     def fail(message: str) -> PluginError:
         return PluginError(
@@ -156,7 +165,11 @@ def validate_staged(
                     raise fail(f"`{path}` is not a regular file")
                 if info.st_size != size:
                     raise fail(f"`{path}` has {info.st_size} bytes, reported {size}")
-                if path.endswith(".parquet"):
+                if inspect is not None:
+                    actual = inspect(fd, path)
+                    if actual != rows:
+                        raise fail(f"`{path}` holds {actual} rows, reported {rows}")
+                elif path.endswith(".parquet"):
                     with os.fdopen(os.dup(fd), "rb") as handle:
                         try:
                             actual = pq.ParquetFile(handle).metadata.num_rows
@@ -187,15 +200,23 @@ def publish(
     job: str,
     state: dict[str, Any] | None,
     save_state: Callable[[dict[str, Any], str], None],
+    audit: list[dict[str, Any]] | None = None,
+    on_audit: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[str]:
-    """Move the staged files into the target and save the state, through the journal."""
+    """Move the staged files into the target and save the state, through the journal.
+
+    `audit` (records of encrypted files) is appended to the target's audit log with the
+    files; `on_audit` receives the records as chained.
+    """
     journal = _journal_path(target, run_id)
-    payload = {
+    payload: dict[str, Any] = {
         "run_id": run_id,
         "job": job,
         "files": [f.path for f in files],
         "state": state,
     }
+    if audit:
+        payload["audit"] = {"location": str(target), "records": audit}
     tmp = journal.with_suffix(".tmp")
     with open(tmp, "w") as handle:
         json.dump(payload, handle)
@@ -203,11 +224,28 @@ def publish(
         os.fsync(handle.fileno())
     tmp.replace(journal)
     _fsync_dir(journal.parent)
-    return _roll_forward(target, payload, save_state)
+    return _roll_forward(target, payload, save_state, on_audit)
+
+
+def _append_audit(
+    payload: dict[str, Any], on_audit: Callable[[list[dict[str, Any]]], None] | None
+) -> None:
+    """Append the journal's audit records (once, even when rolled forward again)."""
+    audit = payload.get("audit")
+    if not audit:
+        return
+    from dativo.supervisor._audit import AuditLog
+
+    chained = AuditLog(str(audit["location"])).append(list(audit["records"]))
+    if on_audit is not None:
+        on_audit(chained)
 
 
 def _roll_forward(
-    target: Path, payload: dict[str, Any], save_state: Callable[[dict[str, Any], str], None]
+    target: Path,
+    payload: dict[str, Any],
+    save_state: Callable[[dict[str, Any], str], None],
+    on_audit: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[str]:
     run_id = str(payload["run_id"])
     staging = staging_root(target) / run_id
@@ -246,6 +284,7 @@ def _roll_forward(
         published.append(rel)
     for directory in {target.joinpath(*_check_path(rel)).parent for rel in payload["files"]}:
         _fsync_dir(directory)
+    _append_audit(payload, on_audit)
     if payload.get("state") is not None:
         save_state(payload["state"], run_id)
     _journal_path(target, run_id).unlink(missing_ok=True)
@@ -262,10 +301,13 @@ def publish_lake(
     state: dict[str, Any] | None,
     save_state: Callable[[dict[str, Any], str], None],
     committer: Committer,
+    audit: list[dict[str, Any]] | None = None,
+    on_audit: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> dict[str, Any]:
     """Commit the staged files to a lake target and save the state, through the journal.
 
-    Returns the committer's details of the commit, for the run report.
+    Returns the committer's details of the commit, for the run report. `audit` records go to
+    the audit log at the committer's `location` (an S3 prefix), as in `publish`.
     """
     staging = staging_root(base) / run_id
     committer.check(staging, [LakeFile(f.path, f.rows, f.bytes) for f in files])
@@ -277,8 +319,20 @@ def publish_lake(
         "files": [{"path": f.path, "rows": f.rows, "bytes": f.bytes} for f in files],
         "state": state,
     }
+    if audit:
+        location = committer.describe().get("location")
+        if not isinstance(location, str):
+            raise PluginError(
+                "encrypted output needs a target with a location for its audit log",
+                plugin=job,
+                role="writer",
+                rule="result",
+            )
+        payload["audit"] = {"location": location, "records": audit}
     _write_journal(base, run_id, payload)
-    return _roll_forward_lake(base, payload, save_state, committer, recovering=False)
+    return _roll_forward_lake(
+        base, payload, save_state, committer, recovering=False, on_audit=on_audit
+    )
 
 
 def _write_journal(base: Path, run_id: str, payload: dict[str, Any]) -> None:
@@ -299,6 +353,7 @@ def _roll_forward_lake(
     committer: Committer,
     *,
     recovering: bool,
+    on_audit: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> dict[str, Any]:
     run_id = str(payload["run_id"])
     staging = staging_root(base) / run_id
@@ -316,6 +371,7 @@ def _roll_forward_lake(
         state = found.state if found.state is not None else state
     else:
         detail = committer.commit(staging, files, run_id, state)
+    _append_audit(payload, on_audit)
     if state is not None:
         save_state(state, run_id)
     _journal_path(base, run_id).unlink(missing_ok=True)

@@ -67,6 +67,7 @@ def test_unset_variable_names_variable_and_key_not_a_value() -> None:
         "{auth: {api_key: abc123}}",
         "{headers: [{Authorization-Token: xyz}]}",
         "{client_secret: 'pre${X}'}",
+        "{headers: {Authorization: Bearer xyz}}",
     ],
 )
 def test_plain_text_secret_in_job_is_refused(config: str) -> None:
@@ -77,6 +78,11 @@ def test_plain_text_secret_in_job_is_refused(config: str) -> None:
     assert "${ENV_VAR}" in message
     for value in ("hunter2", "abc123", "xyz"):
         assert value not in message
+
+
+def test_authorization_header_may_spell_out_its_scheme(tmp_path: Path) -> None:
+    job = parse("{rows: 1, headers: {Authorization: 'Bearer ${TOKEN}'}}", tmp_path)
+    assert job.source.reader.config["headers"]["Authorization"] == "Bearer ${TOKEN}"
 
 
 def test_launch_carries_expanded_config_and_masks_it(
