@@ -681,8 +681,10 @@ def find_cargo() -> str:
 def build_rust_postgres_binary(step: Step) -> Path:
     """`cargo build --release --locked`, into a target directory shared by every checkout."""
     target = cache_dir() / "cargo-target"
-    env = {**os.environ, "CARGO_TARGET_DIR": str(target)}
     cargo = find_cargo()
+    # rustup's proxies (cargo, rustc) find each other on PATH, which may lack ~/.cargo/bin.
+    path = os.pathsep.join([str(Path(cargo).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "CARGO_TARGET_DIR": str(target), "PATH": path}
     manifest_path = str(RUST_POSTGRES_DIR / "Cargo.toml")
     step.run([cargo, "build", "--release", "--locked", "--manifest-path", manifest_path], env=env)
     binary = target / "release" / RUST_POSTGRES_BINARY

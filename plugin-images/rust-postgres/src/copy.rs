@@ -150,7 +150,8 @@ impl<'a> Numeric<'a> {
                     .and_then(|p| p.checked_mul(digit))
                     .ok_or_else(overflow)?
             } else if exponent > -4 {
-                digit / pow10(-exponent).expect("small")
+                // A digit is below 10000: divide in 32 bits, not 128.
+                (self.digit(i) / POW10_I32[(-exponent) as usize]) as i128
             } else {
                 0 // beyond the scale (never sent: the server rounds to the column's scale)
             };
@@ -221,6 +222,8 @@ const POW10: [i128; 39] = {
     table
 };
 
+const POW10_I32: [i32; 4] = [1, 10, 100, 1000];
+
 fn pow10(exponent: i32) -> Option<i128> {
     POW10.get(usize::try_from(exponent).ok()?).copied()
 }
@@ -289,8 +292,28 @@ impl Values {
         }
     }
 
-    /// Appends one value in its binary send format.
+    /// Appends one value in its binary send format. The common fixed-width and text values
+    /// take the short path, inlined into the tuple loop; the rest go to `append_other`.
+    #[inline(always)]
     fn append(&mut self, data: &[u8], text: &mut String) -> Result<(), Bad> {
+        match self {
+            Values::Int32(b) if data.len() == 4 => b.append_value(be_i32(data)),
+            Values::Int64(b) if data.len() == 8 => b.append_value(be_i64(data)),
+            Values::Float64(b) if data.len() == 8 => {
+                b.append_value(f64::from_bits(be_i64(data) as u64))
+            }
+            Values::Utf8(b, Scalar::Text) => match std::str::from_utf8(data) {
+                Ok(s) => b.append_value(s),
+                Err(_) => return Err(Bad::Malformed("UTF-8 text")),
+            },
+            _ => return self.append_other(data, text),
+        }
+        Ok(())
+    }
+
+    /// Every other value: the rarer types, and wrong sizes (reported as malformed).
+    #[inline(never)]
+    fn append_other(&mut self, data: &[u8], text: &mut String) -> Result<(), Bad> {
         match self {
             Values::Bool(b) => {
                 want(data, 1, "boolean")?;
@@ -446,6 +469,7 @@ impl ColumnBuilder {
         }
     }
 
+    #[inline(always)]
     fn append(&mut self, data: &[u8], text: &mut String) -> Result<(), ReadError> {
         let result = match self.lists.is_some() {
             false => self.values.append(data, text),
