@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build Dativo's container images, idempotently, with content-addressed tags.
 
-    .venv/bin/python sandbox/build_images.py [--force] [--only base|python|builtin] [-v]
+    .venv/bin/python sandbox/build_images.py [--force] [--only base|python|builtin|rust] [-v]
 
 Images, each tagged with a hash of its *inputs* (not of its bytes), and built
 only when no image has that tag yet:
@@ -25,12 +25,22 @@ only when no image has that tag yet:
   Dockerfile and the manifest. Also tagged ``:<project version>``, the tag the
   supervisor runs ``type: builtin`` plugins from.
 
-Then every built-in image is **signed** (its image ID and manifest, Ed25519)
-with the local builder key ``$DATIVO_HOME/keys/local-builder.key``, generated on
-the first build (outside the checkout, so a private key is never committed),
-whose public key is trusted in ``$DATIVO_HOME/trust/`` for ``dativo/*``: the
-policy is created if absent, and the key added to it idempotently. An image
-that already has a valid signature by that key is not signed again.
+* ``dativo/rust-postgres:<hash>``: the Rust PostgreSQL reader
+  (``plugin-images/rust-postgres/``), compiled on the host with ``cargo build
+  --release --locked`` (target directory ``${XDG_CACHE_HOME:-~/.cache}/dativo/
+  cargo-target``, shared by every checkout) and copied onto the base image with
+  its manifest label. The hash covers the base image ID, ``Cargo.toml``,
+  ``Cargo.lock``, ``src/``, the Dockerfile, ``config.schema.json`` and the
+  manifest; cargo and docker are skipped when that tag exists. Also tagged
+  ``:<crate version>``. ``--only rust`` handles it alone (reusing the base).
+
+Then every built-in image, and dativo/rust-postgres, is **signed** (its image
+ID and manifest, Ed25519) with the local builder key
+``$DATIVO_HOME/keys/local-builder.key``, generated on the first build (outside
+the checkout, so a private key is never committed), whose public key is
+trusted in ``$DATIVO_HOME/trust/`` for ``dativo/*``: the policy is created if
+absent, and the key added to it idempotently. An image that already has a
+valid signature by that key is not signed again.
 
 A new build removes older ``dativo/plugin-python:<hash>`` (and built-in) images
 (``--keep-old`` keeps them). ``build/images.json`` records the tags and IDs.
@@ -600,6 +610,149 @@ def ensure_builtins(
     return entries
 
 
+# -- the Rust PostgreSQL reader, signed ----------------------------------------
+
+RUST_POSTGRES_DIR = ROOT / "plugin-images" / "rust-postgres"
+RUST_POSTGRES_REPO = "dativo/rust-postgres"
+RUST_POSTGRES_RECIPE = "dativo-rust-postgres/1"
+RUST_POSTGRES_BINARY = "dativo-rust-postgres"
+RUST_POSTGRES_ENTRYPOINT = ["/usr/local/bin/dativo-rust-postgres"]
+# Like the built-ins (src/dativo/signing/_builtin.py): the job file's defaults and bounds.
+RUST_POSTGRES_RESOURCES = {
+    "default": {"cpus": 1.0, "memory": "1GiB", "pids": 128, "timeout": "1h"},
+    "max": {"cpus": 64.0, "memory": "64GiB", "pids": 4096, "timeout": "7d"},
+}
+
+
+def rust_postgres_manifest() -> dict[str, Any]:
+    """The manifest of dativo/rust-postgres: version from Cargo.toml, config schema from
+    config.schema.json, validated as the supervisor will."""
+    signing = signing_module()
+    with (RUST_POSTGRES_DIR / "Cargo.toml").open("rb") as f:
+        version = str(tomllib.load(f)["package"]["version"])
+    schema = json.loads((RUST_POSTGRES_DIR / "config.schema.json").read_text(encoding="utf-8"))
+    manifest = {
+        "manifest_version": 1,
+        "name": RUST_POSTGRES_REPO,
+        "version": version,
+        "kind": "reader",
+        "protocol": 1,
+        "entrypoint": RUST_POSTGRES_ENTRYPOINT,
+        "description": (
+            "Reads a PostgreSQL table or query with binary COPY, decoded into Arrow in Rust "
+            "(docs/postgres.md). The job's network grant names the database."
+        ),
+        # A generic connector: the job's grant decides which database it reaches.
+        "network": ["*:*"],
+        "resources": RUST_POSTGRES_RESOURCES,
+        "config_schema": schema,
+        "secrets": ["password"],
+    }
+    signing.parse_manifest(manifest)
+    return manifest
+
+
+def rust_postgres_hash(base_id: str, label: str) -> str:
+    """The crate's inputs (not target/), the Dockerfile, the base image and the manifest."""
+
+    def parts() -> Iterator[tuple[str, bytes]]:
+        yield "recipe", RUST_POSTGRES_RECIPE.encode()
+        yield "base-id", base_id.encode()
+        for name in ("Cargo.toml", "Cargo.lock", "Dockerfile", "config.schema.json"):
+            yield name, (RUST_POSTGRES_DIR / name).read_bytes()
+        for path in tree_files(RUST_POSTGRES_DIR / "src"):
+            yield path.relative_to(ROOT).as_posix(), path.read_bytes()
+        yield "manifest", label.encode()
+
+    return short_hash(parts())
+
+
+def find_cargo() -> str:
+    found = shutil.which("cargo") or str(Path.home() / ".cargo" / "bin" / "cargo")
+    if not Path(found).is_file():
+        raise BuildError(
+            "cargo is not installed, and dativo/rust-postgres is compiled on this host: install "
+            "Rust with rustup (the `rustup` package, then `rustup default stable`), make sure "
+            "`cargo` is on PATH (~/.cargo/bin), then retry"
+        )
+    return found
+
+
+def build_rust_postgres_binary(step: Step) -> Path:
+    """`cargo build --release --locked`, into a target directory shared by every checkout."""
+    target = cache_dir() / "cargo-target"
+    cargo = find_cargo()
+    # rustup's proxies (cargo, rustc) find each other on PATH, which may lack ~/.cargo/bin.
+    path = os.pathsep.join([str(Path(cargo).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "CARGO_TARGET_DIR": str(target), "PATH": path}
+    manifest_path = str(RUST_POSTGRES_DIR / "Cargo.toml")
+    step.run([cargo, "build", "--release", "--locked", "--manifest-path", manifest_path], env=env)
+    binary = target / "release" / RUST_POSTGRES_BINARY
+    if not binary.is_file():
+        raise BuildError(f"cargo finished but {binary} is missing; see {step.log_path}")
+    return binary
+
+
+def ensure_rust_postgres(
+    base_tag: str, base_id: str, *, force: bool, verbose: bool, keep_old: bool
+) -> dict[str, str]:
+    """dativo/rust-postgres:<hash>, built only when its inputs changed, retagged with its
+    version and signed with the local builder key like the built-ins."""
+    signing = signing_module()
+    from dativo.errors import DativoError
+
+    manifest = rust_postgres_manifest()
+    label = signing.canonical_json(manifest).decode()
+    digest = rust_postgres_hash(base_id, label)
+    tag = f"{RUST_POSTGRES_REPO}:{digest}"
+    version_tag = f"{RUST_POSTGRES_REPO}:{manifest['version']}"
+    existing = image_id(tag)
+    if existing and not force:
+        print(f"reused {tag} (as {version_tag})", flush=True)
+    else:
+        started = time.monotonic()
+        step = Step("rust-postgres", verbose)
+        try:
+            binary = build_rust_postgres_binary(step)
+            compiled = time.monotonic() - started
+            context = BUILD / "context" / "rust-postgres"
+            reset_dir(context)
+            shutil.copy2(RUST_POSTGRES_DIR / "Dockerfile", context / "Dockerfile")
+            shutil.copy2(binary, context / RUST_POSTGRES_BINARY)
+            cmd = ["docker", "build", "--rm", "--force-rm", "--network", "none"]
+            if force:
+                cmd.append("--no-cache")
+            cmd += [
+                "--build-arg",
+                f"BASE_IMAGE={base_tag}",
+                "--label",
+                f"org.dativo.inputs-hash={digest}",
+                "--label",
+                f"org.dativo.base={base_tag}",
+                "--label",
+                f"{signing.LABEL_MANIFEST}={label}",
+                "--tag",
+                tag,
+                str(context),
+            ]
+            step.run(cmd, env=DOCKER_ENV)
+        finally:
+            step.close()
+        existing = image_id(tag)
+        if not existing:
+            raise BuildError(f"{tag} is missing right after `docker build`")
+        elapsed = time.monotonic() - started
+        print(f"built {tag} in {elapsed:.1f} s (cargo {compiled:.1f} s)", flush=True)
+        if not keep_old:
+            remove_stale(RUST_POSTGRES_REPO, keep=digest)
+    retag(tag, version_tag, existing)
+    try:
+        sign_builtin(builder_key(), version_tag)
+    except DativoError as exc:
+        raise BuildError(f"signing {version_tag} failed: {exc}") from None
+    return {"tag": tag, "id": existing, "version_tag": version_tag}
+
+
 # -- main --------------------------------------------------------------------
 
 
@@ -628,7 +781,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only",
-        choices=["base", "python", "builtin"],
+        choices=["base", "python", "builtin", "rust"],
         help="handle these images only (each still reuses, or builds, the images it needs)",
     )
     parser.add_argument(
@@ -646,10 +799,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with build_lock():
             entries: dict[str, dict[str, str]] = {}
             base_tag, base_id = ensure_base(
-                force=args.force and args.only != "python", verbose=args.verbose
+                force=args.force and args.only not in ("python", "rust"), verbose=args.verbose
             )
             entries["base"] = {"tag": base_tag, "id": base_id}
-            if args.only != "base":
+            if args.only not in ("base", "rust"):
                 tag, image, version_tag = ensure_plugin(
                     base_tag,
                     base_id,
@@ -667,6 +820,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         verbose=args.verbose,
                         keep_old=args.keep_old,
                     )
+                )
+            if args.only in (None, "rust"):
+                entries["rust-postgres"] = ensure_rust_postgres(
+                    base_tag,
+                    base_id,
+                    force=args.force,
+                    verbose=args.verbose,
+                    keep_old=args.keep_old,
                 )
             write_images_json(entries)
     except BuildError as exc:
