@@ -239,6 +239,25 @@ def build_lock() -> Iterator[None]:
         yield
 
 
+def offline_build_command(
+    context: Path,
+    tag: str,
+    *,
+    build_args: dict[str, str],
+    labels: dict[str, str],
+    force: bool,
+) -> list[str]:
+    """`docker build` of `context` into `tag` with no network (every input is local)."""
+    cmd = ["docker", "build", "--rm", "--force-rm", "--network", "none"]
+    if force:
+        cmd.append("--no-cache")
+    for key, value in build_args.items():
+        cmd += ["--build-arg", f"{key}={value}"]
+    for key, value in labels.items():
+        cmd += ["--label", f"{key}={value}"]
+    return [*cmd, "--tag", tag, str(context)]
+
+
 def reset_dir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
@@ -396,22 +415,13 @@ def ensure_plugin(
         build_wheelhouse(step)
         assemble_context()
         # --network none: the install must work offline, as at an air-gapped site.
-        cmd = ["docker", "build", "--rm", "--force-rm", "--network", "none"]
-        if force:
-            cmd.append("--no-cache")
-        cmd += [
-            "--build-arg",
-            f"BASE_IMAGE={base_tag}",
-            "--build-arg",
-            f"DATIVO_VERSION={version}",
-            "--label",
-            f"org.dativo.inputs-hash={digest}",
-            "--label",
-            f"org.dativo.base={base_tag}",
-            "--tag",
+        cmd = offline_build_command(
+            CONTEXT,
             tag,
-            str(CONTEXT),
-        ]
+            build_args={"BASE_IMAGE": base_tag, "DATIVO_VERSION": version},
+            labels={"org.dativo.inputs-hash": digest, "org.dativo.base": base_tag},
+            force=force,
+        )
         step.run(cmd, env=DOCKER_ENV)
         # The install stage's image (it holds the wheels) is of no further use.
         step.run(
@@ -508,22 +518,17 @@ def ensure_builtin(
     (context / "Dockerfile").write_text(dockerfile, encoding="utf-8")
     step = Step(f"builtin-{name}", verbose)
     try:
-        cmd = ["docker", "build", "--rm", "--force-rm", "--network", "none"]
-        if force:
-            cmd.append("--no-cache")
-        cmd += [
-            "--build-arg",
-            f"PLUGIN_IMAGE={plugin_tag}",
-            "--label",
-            f"org.dativo.inputs-hash={digest}",
-            "--label",
-            f"org.dativo.plugin={name}",
-            "--label",
-            f"{signing.LABEL_MANIFEST}={label}",
-            "--tag",
+        cmd = offline_build_command(
+            context,
             tag,
-            str(context),
-        ]
+            build_args={"PLUGIN_IMAGE": plugin_tag},
+            labels={
+                "org.dativo.inputs-hash": digest,
+                "org.dativo.plugin": name,
+                signing.LABEL_MANIFEST: label,
+            },
+            force=force,
+        )
         step.run(cmd, env=DOCKER_ENV)
     finally:
         step.close()
@@ -719,22 +724,17 @@ def ensure_rust_postgres(
             reset_dir(context)
             shutil.copy2(RUST_POSTGRES_DIR / "Dockerfile", context / "Dockerfile")
             shutil.copy2(binary, context / RUST_POSTGRES_BINARY)
-            cmd = ["docker", "build", "--rm", "--force-rm", "--network", "none"]
-            if force:
-                cmd.append("--no-cache")
-            cmd += [
-                "--build-arg",
-                f"BASE_IMAGE={base_tag}",
-                "--label",
-                f"org.dativo.inputs-hash={digest}",
-                "--label",
-                f"org.dativo.base={base_tag}",
-                "--label",
-                f"{signing.LABEL_MANIFEST}={label}",
-                "--tag",
+            cmd = offline_build_command(
+                context,
                 tag,
-                str(context),
-            ]
+                build_args={"BASE_IMAGE": base_tag},
+                labels={
+                    "org.dativo.inputs-hash": digest,
+                    "org.dativo.base": base_tag,
+                    signing.LABEL_MANIFEST: label,
+                },
+                force=force,
+            )
             step.run(cmd, env=DOCKER_ENV)
         finally:
             step.close()

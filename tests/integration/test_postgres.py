@@ -201,7 +201,9 @@ def reader_spec(kind: str, pg: PostgresService, config: dict[str, Any]) -> dict[
         "database": pg.database,
         "user": pg.user,
         "password": "${" + PASSWORD_ENV + "}",
-        "sslmode": "disable" if kind == "rust" else "prefer",
+        # The container readers take the Unix socket; the unsandboxed one connects over TCP
+        # (test_python_reader_through_the_tcp_relay covers TCP from a container).
+        "sslmode": "prefer" if kind == "python-unsandboxed" else "disable",
         **config,
     }
     if kind == "rust":
@@ -406,3 +408,53 @@ def test_readers_agree(tmp_path: Path, pg: PostgresService, config: dict[str, An
     for name in tables["python"].column_names:
         python, rust = tables["python"].column(name), tables["rust"].column(name)
         assert [str(v) for v in python.to_pylist()] == [str(v) for v in rust.to_pylist()], name
+
+
+def test_python_reader_through_the_tcp_relay(tmp_path: Path, pg: PostgresService) -> None:
+    """`sslmode: prefer` goes through the plugin host's loopback relay (TLS would be end to end;
+    this server offers none, so the session is plain)."""
+    report = run(tmp_path, "python", pg, {"table": "types", "sslmode": "prefer"})
+    assert report.rows == 3
+    assert report.plugins["reader"]["network"][f"{pg.container_ip}:5432"]["connections"] >= 1
+
+
+@pytest.mark.parametrize("kind", READERS)
+def test_incremental_start_and_inclusive(tmp_path: Path, pg: PostgresService, kind: str) -> None:
+    config = {
+        "query": "SELECT * FROM (VALUES (1, 'a'), (2, 'b'), (3, 'c')) AS v(id, v)",
+        "incremental": {"column": "id", "mode": "inclusive", "start": "2"},
+    }
+    assert run(tmp_path, kind, pg, config).rows == 2
+    assert sorted(published(tmp_path).column("id").to_pylist()) == [2, 3]
+    # Inclusive: the row at the saved cursor is read again, nothing below it.
+    assert run(tmp_path, kind, pg, config).rows == 1
+
+
+@pytest.mark.parametrize("kind", READERS)
+@pytest.mark.parametrize(
+    ("query", "column", "value"),
+    [
+        ("SELECT 'infinity'::date AS d", "d", "infinity"),
+        ("SELECT '-infinity'::timestamp AS ts", "ts", "-infinity"),
+        ("SELECT 'NaN'::numeric(10,2) AS amount", "amount", "NaN"),
+    ],
+)
+def test_unrepresentable_values_name_the_column(
+    tmp_path: Path, pg: PostgresService, kind: str, query: str, column: str, value: str
+) -> None:
+    message = failure(tmp_path, pg, kind, {"query": query})
+    assert f'column "{column}" holds' in message
+    assert value in message
+
+
+@pytest.mark.parametrize("kind", READERS)
+def test_config_errors_name_the_key(tmp_path: Path, pg: PostgresService, kind: str) -> None:
+    message = failure(tmp_path, pg, kind, {"table": "types", "tabel": "x"})
+    assert "unknown" in message
+    assert "`tabel`" in message
+    assert "application_name" in message  # the valid keys are listed
+
+
+def test_rust_reader_refuses_parallel(tmp_path: Path, pg: PostgresService) -> None:
+    message = failure(tmp_path, pg, "rust", {"table": "types", "parallel": {"workers": 2}})
+    assert "`parallel.workers` above 1 is not supported" in message

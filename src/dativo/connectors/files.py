@@ -39,7 +39,13 @@ from dativo.config import parse_size
 from dativo.connectors import parse_plugin_config
 from dativo.sdk import DataReader, PluginConfigError, PluginContext, SourceError
 
-__all__ = ["TYPE_HINT", "FileReader", "FileReaderConfig", "parse_arrow_type"]
+__all__ = [
+    "TYPE_HINT",
+    "FileReader",
+    "FileReaderConfig",
+    "check_schema_mapping",
+    "parse_arrow_type",
+]
 
 Format = Literal["csv", "jsonl", "parquet"]
 
@@ -138,6 +144,26 @@ def parse_arrow_type(text: str) -> pa.DataType:
     raise bad
 
 
+def check_schema_mapping(value: dict[str, str] | None) -> dict[str, str] | None:
+    """Validate a declared `schema:` mapping (column -> type string) of a reader's config.
+
+    Raises:
+        ValueError: empty, an empty column name, or a type string `parse_arrow_type` refuses.
+    """
+    if value is None:
+        return None
+    if not value:
+        raise ValueError("must name at least one column, or be left out to infer it")
+    for column, type_text in value.items():
+        if not column:
+            raise ValueError("column names cannot be empty")
+        try:
+            parse_arrow_type(type_text)
+        except ValueError as exc:
+            raise ValueError(f"column `{column}`: {exc}") from None
+    return value
+
+
 # ---------------------------------------------------------------------------------------------
 # Config
 
@@ -207,18 +233,7 @@ class FileReaderConfig(BaseModel):
     @field_validator("schema_")
     @classmethod
     def _types(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is None:
-            return None
-        if not value:
-            raise ValueError("must name at least one column, or be left out to infer it")
-        for column, type_text in value.items():
-            if not column:
-                raise ValueError("column names cannot be empty")
-            try:
-                parse_arrow_type(type_text)
-            except ValueError as exc:
-                raise ValueError(f"column `{column}`: {exc}") from None
-        return value
+        return check_schema_mapping(value)
 
     @field_validator("block_size", mode="before")
     @classmethod

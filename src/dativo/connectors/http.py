@@ -54,7 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from dativo import __version__
 from dativo.config import parse_duration
 from dativo.connectors import parse_plugin_config
-from dativo.connectors.files import parse_arrow_type
+from dativo.connectors.files import check_schema_mapping, parse_arrow_type
 from dativo.sdk import (
     DataReader,
     NetworkDestination,
@@ -246,18 +246,7 @@ class HttpReaderConfig(BaseModel):
     @field_validator("schema_")
     @classmethod
     def _types(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is None:
-            return None
-        if not value:
-            raise ValueError("must name at least one column, or be left out to infer it")
-        for column, type_text in value.items():
-            if not column:
-                raise ValueError("column names cannot be empty")
-            try:
-                parse_arrow_type(type_text)
-            except ValueError as exc:
-                raise ValueError(f"column `{column}`: {exc}") from None
-        return value
+        return check_schema_mapping(value)
 
     @model_validator(mode="after")
     def _body_with_post(self) -> HttpReaderConfig:
