@@ -22,7 +22,7 @@ ifeq ($(CI),true)
 PYTEST_FLAGS += -p no:cacheprovider
 endif
 
-.PHONY: help venv engine softhsm images services demo test test-unit test-integration test-security \
+.PHONY: help venv engine softhsm images services demo test test-rust test-unit test-integration test-security \
 	bench lint clean
 
 help: ## List the targets (this text)
@@ -56,8 +56,17 @@ demo: images ## Run the quickstart: make example data, then `dativo run` it
 	$(PY) examples/quickstart_data.py
 	$(VENV)/bin/dativo run examples/quickstart.yaml
 
-test: softhsm images services ## Run the whole test suite (tests/), images first
+test: softhsm images services test-rust ## Run the whole test suite (tests/ and the Rust plugin's cargo tests), images first
 	$(PYTEST) $(PYTEST_FLAGS) tests/
+
+# The Rust reader's own unit tests, in the target directory `make images` compiles it into (so
+# only the test harness is compiled again).
+CARGO_TARGET := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/dativo/cargo-target
+CARGO := $(or $(shell command -v cargo 2>/dev/null),$(HOME)/.cargo/bin/cargo)
+
+test-rust: ## Run the unit tests of plugin-images/rust-postgres (cargo test)
+	CARGO_TARGET_DIR=$(CARGO_TARGET) PATH="$(dir $(CARGO)):$$PATH" $(CARGO) test --release --locked \
+		--manifest-path plugin-images/rust-postgres/Cargo.toml
 
 test-unit: venv softhsm ## Run the unit tests (tests/unit; no engine needed)
 	$(PYTEST) $(PYTEST_FLAGS) tests/unit
