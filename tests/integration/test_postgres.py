@@ -458,3 +458,15 @@ def test_config_errors_name_the_key(tmp_path: Path, pg: PostgresService, kind: s
 def test_rust_reader_refuses_parallel(tmp_path: Path, pg: PostgresService) -> None:
     message = failure(tmp_path, pg, "rust", {"table": "types", "parallel": {"workers": 2}})
     assert "`parallel.workers` above 1 is not supported" in message
+
+
+@pytest.mark.parametrize("kind", READERS)
+def test_text_cursor_with_quotes_and_backslashes(
+    tmp_path: Path, pg: PostgresService, kind: str
+) -> None:
+    config = {
+        "query": "SELECT * FROM (VALUES ('a\\b'), ('it''s'), ('z\\''q')) AS v(k)",
+        "incremental": {"column": "k"},
+    }
+    assert run(tmp_path, kind, pg, config).rows == 3
+    assert run(tmp_path, kind, pg, config).rows == 0  # the saved cursor `z\'q` round-trips

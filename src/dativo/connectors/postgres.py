@@ -108,10 +108,15 @@ def quote_ident(name: str) -> str:
 
 
 def quote_literal(value: str) -> str:
-    """`value` as an SQL string literal (standard_conforming_strings is on since 9.1)."""
+    """`value` as an SQL string literal, as PostgreSQL's own `quote_literal` writes it: a value
+    holding a backslash becomes an `E'...'` literal with the backslash doubled, which reads the
+    same whatever `standard_conforming_strings` is set to."""
     if "\x00" in value:
         raise PluginConfigError(f"{_PLUGIN}: a cursor value cannot contain a NUL character")
-    return "'" + value.replace("'", "''") + "'"
+    quoted = value.replace("'", "''")
+    if "\\" in value:
+        return " E'" + quoted.replace("\\", "\\\\") + "'"
+    return "'" + quoted + "'"
 
 
 def qualified_table(table: str) -> str:

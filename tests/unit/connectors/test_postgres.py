@@ -81,6 +81,7 @@ def test_sql_quoting() -> None:
     assert qualified_table('we"ird') == '"we""ird"'
     assert qualified_table("a.b.c") == '"a"."b.c"'
     assert quote_literal("it's") == "'it''s'"
+    assert quote_literal("a\\'b") == " E'a\\\\''b'"
     with pytest.raises(PluginConfigError):
         quote_literal("a\x00b")
     config = PostgresConfig(**BASE, table="orders", columns=["id", "Amount"])
