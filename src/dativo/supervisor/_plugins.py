@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import re
 import socket
 import sys
 import threading
@@ -19,6 +18,7 @@ from dativo import __version__
 from dativo.config import BuiltinPlugin, ImagePlugin, JobConfig, PluginSpec, PythonPlugin
 from dativo.connectors import builtin_implementation
 from dativo.errors import ConfigError
+from dativo.lake._env import Redactor, expand_env
 from dativo.sandbox import (
     LABEL_ROLE,
     LABEL_RUN_DIR,
@@ -73,8 +73,8 @@ class Launch:
     # environment. It travels only in the `init` message over the plugin's socket: never in the
     # container's environment, labels, command line or logs.
     config: Mapping[str, Any] = field(default_factory=dict)
-    # The values those references expanded to, masked in everything the plugin says.
-    secrets: tuple[str, ...] = ()
+    # Remembers the values those references expanded to, masked in everything the plugin says.
+    redactor: Redactor = field(default_factory=Redactor)
 
     @property
     def name(self) -> str:
@@ -82,9 +82,7 @@ class Launch:
 
     def redact(self, text: str) -> str:
         """`text` with every expanded secret value replaced by `***`."""
-        for value in self.secrets:
-            text = text.replace(value, "***")
-        return text
+        return self.redactor(text)
 
 
 def resolve(job: JobConfig, role: str, staging: Path | None) -> Launch:
@@ -115,8 +113,8 @@ def resolve(job: JobConfig, role: str, staging: Path | None) -> Launch:
         image, impl, path = spec.image, spec.implementation, None
     else:  # pragma: no cover - the config union is closed
         raise ConfigError(f"unknown plugin type for `{field_path}`")
-    secrets: list[str] = []
-    config = expand_config(spec.config, f"{field_path}.config", secrets)
+    redactor = Redactor()
+    config = expand_config(spec.config, f"{field_path}.config", redactor)
     return Launch(
         role=role,
         spec=spec,
@@ -128,46 +126,31 @@ def resolve(job: JobConfig, role: str, staging: Path | None) -> Launch:
         output_dir=output_dir,
         command=() if isinstance(spec, BuiltinPlugin) or impl is None else (impl,),
         config=config,
-        secrets=tuple(sorted(set(secrets), key=len, reverse=True)),
+        redactor=redactor,
     )
 
 
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_MIN_SECRET = 3  # shorter values would mask ordinary words
-
-
 def expand_config(
-    value: Any, field_path: str, secrets: list[str], environ: Mapping[str, str] | None = None
+    value: Any, field_path: str, redactor: Redactor, environ: Mapping[str, str] | None = None
 ) -> Any:
-    """`value` (a plugin's config) with `${NAME}` in every string replaced from the environment.
-
-    Each expanded value is appended to `secrets` (when at least 3 characters long), so the
-    supervisor can mask it in what the plugin logs or reports.
+    """`value` (a plugin's config) with `${NAME}` in every string replaced from the environment
+    (`expand_env`); `redactor` remembers each expanded value, to mask it in what the plugin
+    logs or reports.
 
     Raises:
         ConfigError: a referenced variable is not set; the message names the variable and the
             config key, never a value.
     """
-    env = os.environ if environ is None else environ
     if isinstance(value, str):
-
-        def replace(match: re.Match[str]) -> str:
-            name = match[1]
-            if name not in env:
-                raise ConfigError(
-                    f"`{field_path}` refers to the environment variable `{name}`, which is not "
-                    "set; set it for the supervisor (`dativo run`); nothing was started",
-                    field=field_path,
-                )
-            if len(env[name]) >= _MIN_SECRET:
-                secrets.append(env[name])
-            return env[name]
-
-        return _ENV_REF.sub(replace, value)
+        return expand_env(value, field=field_path, environ=environ, redactor=redactor)
     if isinstance(value, Mapping):
-        return {k: expand_config(v, f"{field_path}.{k}", secrets, env) for k, v in value.items()}
+        return {
+            k: expand_config(v, f"{field_path}.{k}", redactor, environ) for k, v in value.items()
+        }
     if isinstance(value, list | tuple):
-        return [expand_config(v, f"{field_path}[{i}]", secrets, env) for i, v in enumerate(value)]
+        return [
+            expand_config(v, f"{field_path}[{i}]", redactor, environ) for i, v in enumerate(value)
+        ]
     return value
 
 
