@@ -425,7 +425,8 @@ class PostgresReader(DataReader):
             # Through the loopback relay (or directly, unsandboxed); TLS checks the real name.
             parts["host"] = grant.host
             where = f"TCP {grant.host}:{grant.port}"
-            if grant.host != cfg.host:
+            if grant.host.lower() != cfg.host.lower():
+                # The relay's address; `host` stays the real name, for TLS to check.
                 parts["hostaddr"] = grant.host
                 parts["host"] = cfg.host
         return " ".join(f"{k}={_conninfo_value(v)}" for k, v in parts.items()), where

@@ -143,3 +143,14 @@ def test_connection_string_uses_socket_only_without_tls() -> None:
     assert "host='db.example.com'" in text
     assert "hostaddr='127.0.0.2'" in text
     assert "sslmode='prefer'" in text
+
+
+def test_unsandboxed_connection_names_the_host_alone() -> None:
+    """In the in-process mode the grant's host is the database's own name: no `hostaddr` (it
+    takes only addresses), whatever the case the job wrote the name in."""
+    grant = NetworkDestination("db.example.com:5432", "db.example.com", 5432)
+    context = PluginContext(run_id="r", role="reader", network={"db.example.com:5432": grant})
+    config = PostgresConfig(**{**BASE, "host": "DB.example.com"}, table="t")
+    text, where = PostgresReader._connection_string(config, context)
+    assert "hostaddr" not in text
+    assert where == "TCP db.example.com:5432"
