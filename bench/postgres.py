@@ -253,18 +253,20 @@ def main(argv: list[str] | None = None) -> int:
         b = results["psycopg2"]
         rows_out.append(["(b) psycopg2 fetchmany -> Arrow", b["seconds"], None, b["peak_mb"],
                          ratio("psycopg2")])  # fmt: skip
-    for reader in ("python", "python_parallel", "rust"):
+    names = {
+        "python": "(c) python reader",
+        "python_parallel": f"(c) python reader ({args.workers} workers)",
+        "rust": "(d) rust reader",
+    }
+    for reader, name in names.items():
         for writer in ("null", "parquet"):
             key = f"{reader}_{writer}"
             if key in results:
                 r = results[key]
-                name = reader.replace("_parallel", f" reader ({args.workers} workers)")
-                label = f"({'d' if reader == 'rust' else 'c'}) {name} -> {writer}"
-                label = label.replace(") python ->", ") python reader ->")
-                label = label.replace(") rust ->", ") rust reader ->")
                 rows_out.append(
-                    [label, r["seconds"], r["stream_seconds"], r["reader_peak_mb"], ratio(key)]
-                )
+                    [f"{name} -> {writer}", r["seconds"], r["stream_seconds"],
+                     r["reader_peak_mb"], ratio(key)]
+                )  # fmt: skip
     print(f"PostgreSQL readers, {args.rows:,} rows x {COLUMNS} columns, table "
           f"{size[0] / 1e6:.0f} MB on disk")  # fmt: skip
     print(table(["measurement", "seconds", "stream s", "peak MB", "x floor"], rows_out))
