@@ -249,8 +249,7 @@ def test_iceberg_and_parquet_on_s3(
 
 
 def test_postgres_catalog(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("psycopg")
-    from tests.services import postgres_service
+    from tests.services import postgres_service  # psycopg: a VENV_EXTRAS package, never skipped
 
     with postgres_service(password="pg-secret-never-shown") as pg:
         monkeypatch.setenv("LAKE_PG_PASSWORD", pg.password)

@@ -257,11 +257,8 @@ def test_every_type_reads_as_documented(tmp_path: Path, pg: PostgresService, kin
     got = sorted_by_id(published(tmp_path))
     want = expected_types()
     # Parquet names a list's child `element`; Arrow's default is `item`: nothing else differs.
-    assert got.schema == want.schema.with_metadata(None) or got.cast(want.schema).schema == (
-        want.schema
-    )
-    assert [str(f.type).replace("element", "item") for f in got.schema] == [
-        str(f.type) for f in want.schema
+    assert [(f.name, str(f.type).replace("element", "item")) for f in got.schema] == [
+        (f.name, str(f.type)) for f in want.schema
     ]
     for name in want.column_names:
         g, w = got.column(name).to_pylist(), want.column(name).to_pylist()
